@@ -1,0 +1,114 @@
+"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included).
+
+The header is validated completely (offsets, sizes, dtypes, duplicates) before any tensor is
+touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
+
+Example:
+    >>> tensors = read_safetensors("adapter/adapter_model.safetensors")
+    >>> tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape
+    (8, 64)
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CheckpointError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise CheckpointError(f"duplicate tensor names in the safetensors header: {dupes}")
+    return dict(pairs)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """``(entries, metadata, data_start)`` of a safetensors file, fully validated."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} "
+                                      "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    problems, spans = [], []
+    for key, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError
+            if not all(isinstance(d, int) and not isinstance(d, bool) for d in (begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{key!r}: malformed entry {entry!r}")
+            continue
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+            problems.append(f"{key!r}: data_offsets {[begin, end]} do not fit shape {list(shape)} "
+                            f"{entry['dtype']} in {data_len} data bytes")
+            continue
+        spans.append((begin, end, key))
+    spans.sort()
+    for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            problems.append(f"{k0!r} and {k1!r} overlap in the file")
+    if problems:
+        raise CheckpointError(f"{path}: invalid safetensors header", problems)
+    return header, metadata, 8 + n
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory-mapped numpy array."""
+    header, _, start = read_header(path)
+    if not header:
+        return {}
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot memory-map ({err})") from None
+    out = {}
+    for key, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = DTYPES[entry["dtype"]]
+        out[key] = mm[start + begin:start + end].view(dtype).reshape(entry["shape"])
+    return out

@@ -1,0 +1,248 @@
+"""LoraConfig: the contents of PEFT's ``adapter_config.json``, parsed and validated.
+
+Example:
+    >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    >>> cfg.to_dict()["r"]
+    8
+    >>> cfg = LoraConfig.from_pretrained("path/to/adapter")   # or "user/repo"
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, UnsupportedAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+
+# PEFT init modes that rewrite the base weights: the adapter file alone cannot reproduce them.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva")
+
+# Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
+UNSUPPORTED_WHEN_SET = {
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets (ParamWrapper)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA",
+    "megatron_config": "Megatron parallel layers",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+}
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's LoraConfig, field for field (PEFT 0.21 defaults). Only ``r``, ``lora_alpha``,
+    ``target_modules`` and friends change what jlora computes; the rest round-trips to
+    ``adapter_config.json`` unchanged.
+
+    Example:
+        >>> LoraConfig(r=4, lora_alpha=8, target_modules="all-linear").scale_kind
+        'alpha/r'
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    task_type: str | None = None
+    peft_type: str = "LORA"
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list | None = None
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+    # Unknown fields of newer PEFT versions, kept so that saving writes them back.
+    extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        problems = _validate(self)
+        if problems:
+            raise ConfigError("invalid LoRA config", problems)
+
+    @property
+    def scale_kind(self) -> str:
+        return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "adapter_config.json") -> "LoraConfig":
+        """Parse a loaded ``adapter_config.json``; unknown keys are kept and warned about.
+
+        Example:
+            >>> LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).r
+            4
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise UnsupportedAdapterError(
+                f"{source}: peft_type {peft_type!r} is not supported; jlora reads LoRA adapters "
+                "(peft_type 'LORA') only"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = {k: v for k, v in data.items() if k not in known and k != "runtime_config"}
+        if unknown:
+            warnings.warn(f"{source}: unknown LoRA config fields ignored: {sorted(unknown)}", stacklevel=2)
+        try:
+            return cls(**kwargs, extra_fields=unknown)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: invalid LoRA config", err.problems) from None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+    ) -> "LoraConfig":
+        """Read ``adapter_config.json`` from a local folder or a Hub repo id."""
+        from .hub import resolve_file
+
+        path = resolve_file(source, CONFIG_NAME, revision=revision, subfolder=subfolder,
+                            token=token, cache_dir=cache_dir)
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict PEFT writes (keys sorted, unknown fields kept)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_fields"}
+        out.update(self.extra_fields)
+        out["peft_type"] = "LORA"
+        if isinstance(out["target_modules"], set):
+            out["target_modules"] = sorted(out["target_modules"])
+        return json.loads(json.dumps(out, sort_keys=True))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+
+def read_json(path) -> Any:
+    """Read a JSON file, turning every failure into a ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+
+def _validate(cfg: LoraConfig) -> list[str]:
+    """Every problem of a config, not just the first."""
+    p: list[str] = []
+    if not _is_int(cfg.r) or cfg.r <= 0:
+        p.append(f"r must be a positive integer, found {cfg.r!r}")
+    if not _is_number(cfg.lora_alpha):
+        p.append(f"lora_alpha must be a number, found {cfg.lora_alpha!r}")
+    for name in ("target_modules", "exclude_modules"):
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str) and not _is_str_list(v):
+            p.append(f"{name} must be a string, a list of strings or null, found {v!r}")
+    if cfg.modules_to_save is not None and not _is_str_list(cfg.modules_to_save):
+        p.append(f"modules_to_save must be a list of strings or null, found {cfg.modules_to_save!r}")
+    if not _is_number(cfg.lora_dropout) or not 0 <= cfg.lora_dropout < 1:
+        p.append(f"lora_dropout must be a number in [0, 1), found {cfg.lora_dropout!r}")
+    if cfg.bias not in ("none", "all", "lora_only"):
+        p.append(f"bias must be 'none', 'all' or 'lora_only', found {cfg.bias!r}")
+    for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):
+        if not isinstance(getattr(cfg, name), bool):
+            p.append(f"{name} must be true or false, found {getattr(cfg, name)!r}")
+    ltt = cfg.layers_to_transform
+    if ltt is not None and not _is_int(ltt) and not (isinstance(ltt, list) and all(_is_int(i) for i in ltt)):
+        p.append(f"layers_to_transform must be an integer, a list of integers or null, found {ltt!r}")
+    lp = cfg.layers_pattern
+    if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
+        p.append(f"layers_pattern must be a string, a list of strings or null, found {lp!r}")
+    for name, check, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+                              ("alpha_pattern", _is_number, "numbers")):
+        pat = getattr(cfg, name)
+        if pat is None:
+            setattr(cfg, name, {})
+        elif not isinstance(pat, dict) or not all(isinstance(k, str) and check(v) for k, v in pat.items()):
+            p.append(f"{name} must map module-name patterns to {what}, found {pat!r}")
+    tti = cfg.trainable_token_indices
+    if tti is not None:
+        ok = (isinstance(tti, list) and all(_is_int(i) and i >= 0 for i in tti)) or (
+            isinstance(tti, dict)
+            and all(isinstance(k, str) and isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)
+                    for k, v in tti.items()))
+        if not ok:
+            p.append(f"trainable_token_indices must be a list of token ids or a dict of them, found {tti!r}")
+    init = cfg.init_lora_weights
+    if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
+        raise UnsupportedAdapterError(
+            f"init_lora_weights={init!r} rewrites the base model's weights, which the adapter file alone "
+            "cannot reproduce; convert the adapter to plain LoRA in PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if init not in KNOWN_INITS and not (isinstance(init, str) and init.startswith(BASE_REWRITING_INITS)):
+        p.append(f"init_lora_weights {init!r} is not a PEFT init mode")
+    unsupported = [
+        f"{name}={getattr(cfg, name)!r} ({what})"
+        for name, what in UNSUPPORTED_WHEN_SET.items()
+        if getattr(cfg, name) not in (None, False, {}, [])
+    ]
+    if unsupported:
+        raise UnsupportedAdapterError("this LoRA adapter uses PEFT features jlora does not implement",
+                                      unsupported)
+    return p

@@ -1,0 +1,106 @@
+"""The unmerged forward ``y = base(x) + s * (x @ A) @ B`` for each Flax module class that has one.
+
+Each side path gets the module, its input, the base output ``y`` (computed by the module itself)
+and the adapter entries; it never forms ``W + s * A @ B`` (DoRA's weight norm aside, as in PEFT).
+PEFT's precision: x is cast to the adapter's dtype, the LoRA term is added in that dtype, and the
+sum is cast back to ``y``'s dtype.
+
+Example:
+    >>> side = side_path_for(nn.Dense(4))   # a function, or None for modules without one
+"""
+from __future__ import annotations
+
+import string
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .merge import dora_factor, to_canonical
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, ModuleSpec
+
+SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec], jax.Array]
+
+
+def _input(args: tuple, kwargs: dict) -> jax.Array:
+    return args[0] if args else kwargs["inputs"]
+
+
+def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec) -> jax.Array:
+    """Add the (already contracted) LoRA output to ``y``: plain, lora_bias and DoRA variants."""
+    scale = entries["scale"]
+    if LORA_BIAS in entries:
+        lora = lora + entries[LORA_BIAS]
+    if MAGNITUDE not in entries:
+        return (y + scale * lora).astype(y.dtype)
+    kernel = to_canonical(module.get_variable("params", spec.kernel_key), spec)
+    delta = scale * jnp.tensordot(entries[LORA_A].astype(jnp.float32), entries[LORA_B].astype(jnp.float32), axes=1)
+    factor = dora_factor(kernel, delta, entries[MAGNITUDE], spec)
+    bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
+    base = y if bias is None else y - bias
+    return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
+
+
+def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...]) -> jax.Array:
+    """``(x @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x."""
+    a = entries[LORA_A]
+    xa = jax.lax.dot_general(x.astype(a.dtype), a, ((x_axes, tuple(range(len(x_axes)))), ((), ())))
+    return jnp.tensordot(xa, entries[LORA_B], axes=1)
+
+
+def dense_side(module, args, kwargs, y, entries, spec):
+    x = _input(args, kwargs)
+    return _finish(module, y, _contract(x, entries, (x.ndim - 1,)), entries, spec)
+
+
+def dense_general_side(module, args, kwargs, y, entries, spec):
+    x = _input(args, kwargs)
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    axes = tuple(a % x.ndim for a in axis)
+    return _finish(module, y, _contract(x, entries, axes), entries, spec)
+
+
+def einsum_side(module, args, kwargs, y, entries, spec):
+    x = _input(args, kwargs)
+    einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    spec_str = (einsum_str or module.einsum_str).replace(" ", "")
+    lhs, out = spec_str.split("->")
+    x_sub, k_sub = lhs.split(",")
+    ins = [c for c in k_sub if c in x_sub and c not in out]
+    outs = [c for c in k_sub if c not in ins]
+    r = next(c for c in string.ascii_letters if c not in spec_str)
+    x_rest = "".join(c for c in x_sub if c not in ins)
+    a = entries[LORA_A]
+    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x.astype(a.dtype), a)
+    lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", xa, entries[LORA_B])
+    return _finish(module, y, lora, entries, spec)
+
+
+def embed_side(module, args, kwargs, y, entries, spec):
+    ids = _input(args, kwargs)
+    rows = jnp.take(entries[LORA_A], ids, axis=0)
+    return _finish(module, y, jnp.tensordot(rows, entries[LORA_B], axes=1), entries, spec)
+
+
+def conv_side(module, args, kwargs, y, entries, spec):
+    x = _input(args, kwargs)
+    a = entries[LORA_A]
+    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
+    xa = down.apply({"params": {"kernel": a}}, x.astype(a.dtype))
+    return _finish(module, y, jnp.tensordot(xa, entries[LORA_B], axes=1), entries, spec)
+
+
+def side_path_for(module: nn.Module) -> SidePath | None:
+    """The side path for ``module``'s class, or None when it has none (the caller then merges)."""
+    if isinstance(module, nn.Dense) or type(module).__name__ == "FlaxConv1D":
+        return dense_side
+    if isinstance(module, nn.DenseGeneral):
+        return None if module.batch_dims else dense_general_side
+    if isinstance(module, nn.Einsum):
+        return einsum_side
+    if isinstance(module, nn.Embed):
+        return embed_side
+    if isinstance(module, nn.Conv) and module.feature_group_count == 1:
+        return conv_side
+    return None

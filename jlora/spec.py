@@ -1,0 +1,216 @@
+"""From PEFT checkpoint keys + config + layout to a target spec: what goes where, checked.
+
+Every problem (unknown key, missing module, shape mismatch, config disagreement) is collected and
+raised together in one :class:`TargetMismatchError`.
+
+Example:
+    >>> targets = build_targets(config, tensors, layout.bind(params, names))
+    >>> targets[0].name, targets[0].placement.path
+    ('model.layers.0.self_attn.q_proj', ('model', 'layers', '0', 'self_attn', 'q_proj'))
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from .config import LoraConfig
+from .errors import CheckpointError, TargetMismatchError
+from .layout import HfLayout, Placement
+from .targeting import is_module_to_save, module_rank, module_scale
+
+PREFIX = "base_model.model."
+
+# PEFT key suffix -> role of the tensor in its module
+_ROLES = (
+    (".lora_A.weight", "lora_A"),
+    (".lora_B.weight", "lora_B"),
+    (".lora_B.bias", "lora_bias"),
+    (".lora_embedding_A", "emb_A"),
+    (".lora_embedding_B", "emb_B"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".token_adapter.trainable_tokens_delta", "token_delta"),
+)
+
+
+@dataclasses.dataclass
+class ModuleTensors:
+    """The file's tensors for one PEFT module: role -> full key; params: torch param -> full key."""
+
+    name: str
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    params: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Target:
+    """One module of the tree that the adapter changes, fully resolved and shape-checked."""
+
+    name: str
+    placement: Placement
+    tensors: ModuleTensors
+    scale: float = 1.0
+    token_indices: tuple[int, ...] = ()
+
+
+def group_keys(keys, source: str = "adapter_model.safetensors") -> dict[str, ModuleTensors]:
+    """Group checkpoint keys by PEFT module name (``base_model.model.`` stripped)."""
+    groups: dict[str, ModuleTensors] = {}
+    bad = []
+    for key in keys:
+        if not key.startswith(PREFIX):
+            bad.append(f"{key!r} does not start with {PREFIX!r}")
+            continue
+        rest = key[len(PREFIX):]
+        for suffix, role in _ROLES:
+            if rest.endswith(suffix):
+                name = rest[: -len(suffix)]
+                group = groups.setdefault(name, ModuleTensors(name))
+                group.roles[role] = key
+                break
+        else:
+            name, _, param = rest.rpartition(".")
+            if not name:
+                bad.append(f"{key!r} names no module")
+                continue
+            stored_as = param
+            if name.endswith(".base_layer"):
+                name, stored_as = name[: -len(".base_layer")], "base_layer." + param
+            groups.setdefault(name, ModuleTensors(name)).params[stored_as] = key
+    if bad:
+        raise CheckpointError(f"{source}: keys that are not PEFT LoRA keys", bad)
+    return groups
+
+
+def _canonical_shape(shape: tuple, placement: Placement) -> tuple:
+    """The kernel's shape in canonical (inputs..., outputs...) order."""
+    inverse = np.argsort(placement.kernel_perm)
+    return tuple(shape[i] for i in inverse)
+
+
+def _token_indices(config: LoraConfig, name: str) -> tuple[int, ...] | None:
+    tti = config.trainable_token_indices
+    if tti is None:
+        return None
+    if isinstance(tti, list):
+        return tuple(tti)
+    for key, idx in tti.items():
+        if name == key or name.endswith("." + key):
+            return tuple(idx)
+    return None
+
+
+def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout: HfLayout,
+                  source: str = "adapter_model.safetensors") -> list[Target]:
+    """Resolve every module of the checkpoint against the tree; raise all problems at once."""
+    groups = group_keys(tensors.keys(), source)
+    problems: list[str] = []
+    targets: list[Target] = []
+
+    def shape(key):
+        return tuple(tensors[key].shape)
+
+    for name, group in groups.items():
+        roles = group.roles
+        emb = "emb_A" in roles or "emb_B" in roles
+        if emb:
+            roles["lora_A"], roles["lora_B"] = roles.pop("emb_A", None), roles.pop("emb_B", None)
+        has_lora = "lora_A" in roles or "lora_B" in roles
+        for need in ("lora_A", "lora_B"):
+            if has_lora and not roles.get(need):
+                problems.append(f"{name}: has {'lora_B' if need == 'lora_A' else 'lora_A'} but no {need}")
+        if has_lora and not (roles.get("lora_A") and roles.get("lora_B")):
+            continue
+        if "magnitude" in roles and not config.use_dora:
+            problems.append(f"{roles['magnitude']}: DoRA magnitude in the file but use_dora is false")
+        if has_lora and config.use_dora and "magnitude" not in roles:
+            problems.append(f"{name}: use_dora is true but the file has no lora_magnitude_vector")
+        if "lora_bias" in roles and not config.lora_bias:
+            problems.append(f"{roles['lora_bias']}: lora_B bias in the file but lora_bias is false")
+        if ("magnitude" in roles or "lora_bias" in roles) and not has_lora:
+            problems.append(f"{name}: DoRA/lora_bias tensors without lora_A/lora_B")
+            continue
+
+        placement = layout.place(name, ("embedding" if emb else "linear") if has_lora else None)
+        if placement is None:
+            problems.append(layout.explain_missing(name))
+            continue
+        module = layout._module(placement.path)
+        target = Target(name, placement, group)
+
+        if has_lora:
+            kernel = module[placement.kernel_key]
+            canon = _canonical_shape(tuple(kernel.shape), placement)
+            in_shape, out_shape = canon[: placement.in_ndim], canon[placement.in_ndim:]
+            a, b = shape(roles["lora_A"]), shape(roles["lora_B"])
+            rank = module_rank(config, name)
+            # PEFT shapes: A (r, in, *k), B (out, r, 1...); embeddings A (r, V), B (D, r)
+            a_in = a[1:]
+            expect_in = in_shape[-1:] + in_shape[:-1] if len(in_shape) > 1 else in_shape
+            if a[0] != rank or b[1:2] != (rank,):
+                problems.append(f"{name}: rank {a[0]} (lora_A {list(a)}, lora_B {list(b)}) but the "
+                                f"config gives rank {rank}")
+            if tuple(a_in) != tuple(expect_in):
+                problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the Flax "
+                                f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
+                                f"(expected input size {list(expect_in)})")
+            if b[:1] != out_shape or any(d != 1 for d in b[2:]):
+                problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the Flax "
+                                f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
+                                f"(expected output size {list(out_shape)})")
+            for role in ("magnitude", "lora_bias"):
+                if role in roles and shape(roles[role]) != out_shape:
+                    problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {list(out_shape)}")
+            if "lora_bias" in roles and "bias" not in module:
+                problems.append(f"{roles['lora_bias']}: lora_bias needs a bias, but "
+                                f"{'/'.join(map(str, placement.path))} has none")
+            target.scale = module_scale(config, name)
+
+        if "token_delta" in roles:
+            indices = _token_indices(config, name)
+            delta = shape(roles["token_delta"])
+            emb_table = module.get("embedding")
+            if indices is None:
+                problems.append(f"{roles['token_delta']}: trainable token delta in the file but the config's "
+                                "trainable_token_indices does not cover this module")
+            elif emb_table is None:
+                problems.append(f"{roles['token_delta']}: trainable tokens need an embedding table at "
+                                f"{'/'.join(map(str, placement.path))}")
+            else:
+                if delta != (len(indices), emb_table.shape[1]):
+                    problems.append(f"{roles['token_delta']}: shape {list(delta)}, expected "
+                                    f"{[len(indices), emb_table.shape[1]]} ({len(indices)} token indices)")
+                too_big = [i for i in indices if i >= emb_table.shape[0]]
+                if too_big:
+                    problems.append(f"{name}: trainable token indices {too_big} exceed the vocabulary size "
+                                    f"{emb_table.shape[0]} of the Flax embedding")
+                target.token_indices = indices
+
+        for stored_as, key in group.params.items():
+            param = stored_as.rpartition(".")[2]
+            mapping = layout.param_mapping(placement.path, param)
+            if mapping is None:
+                problems.append(f"{key}: module {'/'.join(map(str, placement.path))} has no parameter "
+                                f"for PyTorch {param!r} (has {sorted(map(str, module))})")
+                continue
+            base = module[mapping.flax_key]
+            found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape
+            if found != tuple(base.shape):
+                what = "vocabulary sizes differ (resized embeddings?): " if mapping.flax_key == "embedding" else ""
+                problems.append(f"{key}: {what}shape {list(shape(key))} (as Flax {list(found)}) does not match "
+                                f"{'/'.join(map(str, placement.path + (mapping.flax_key,)))} {list(base.shape)}")
+        targets.append(target)
+
+    if problems:
+        raise TargetMismatchError(f"{source}: the adapter does not fit this parameter tree "
+                                  f"({len(problems)} problem{'s' if len(problems) > 1 else ''})", problems)
+    return targets
+
+
+def is_trainable_param(config: LoraConfig, name: str, stored_as: str) -> bool:
+    """Whether PEFT trains a saved replacement tensor (modules_to_save, or bias with bias != none)."""
+    if is_module_to_save(config, name):
+        return True
+    return stored_as.rpartition(".")[2] == "bias" and config.bias != "none"

@@ -1,0 +1,154 @@
+"""The LoRA parameter tree: the caller's tree with some module dicts replaced by AdaptedModule.
+
+An :class:`AdaptedModule` is a read-only mapping (so ``lp["q_proj"]["lora_A"]`` works) and a pytree
+node whose children are arrays (the base ``kernel``/``bias`` shared with the caller's tree, plus
+``lora_A``, ``lora_B`` and friends) and whose static metadata is a :class:`ModuleSpec`.
+
+Example:
+    >>> node = lora_params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    >>> sorted(node), node.spec.scale
+    (['kernel', 'lora_A', 'lora_B'], 2.0)
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+MAGNITUDE = "lora_magnitude"
+LORA_BIAS = "lora_bias"
+TOKEN_DELTA = "token_delta"
+ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """Static facts about one adapted module (hashable; travels as pytree metadata).
+
+    Kernel axes: the LoRA factors are stored so that ``x @ lora_A @ lora_B`` runs over the kernel's
+    *canonical* layout ``(inputs..., outputs...)`` with ``in_ndim`` input axes; the kernel itself is
+    ``canonical.transpose(kernel_perm)``.
+    """
+
+    peft_name: str
+    kind: str = "none"  # "linear" | "embedding" | "none" (replaced tensors only)
+    scale: float = 1.0
+    kernel_key: str = "kernel"
+    in_ndim: int = 1
+    kernel_perm: tuple[int, ...] = (0, 1)
+    dora: bool = False
+    dropout: float = 0.0
+    token_indices: tuple[int, ...] = ()
+    trainable: tuple[str, ...] = ()
+    # child key -> PEFT key suffix (after the module name) for every tensor that came from / goes to the file
+    file_keys: tuple[tuple[str, str], ...] = ()
+    config_json: str = "{}"
+
+    @property
+    def has_lora(self) -> bool:
+        return self.kind in ("linear", "embedding")
+
+
+class AdaptedModule(Mapping):
+    """One module's parameters with its adapter tensors (see module docstring)."""
+
+    __slots__ = ("_children", "spec")
+
+    def __init__(self, children: Mapping[str, Any], spec: ModuleSpec):
+        self._children = dict(children)
+        self.spec = spec
+
+    def __getitem__(self, key: str) -> Any:
+        return self._children[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._children)
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def replace(self, **children: Any) -> "AdaptedModule":
+        return AdaptedModule({**self._children, **children}, self.spec)
+
+    def base_children(self) -> dict[str, Any]:
+        """The module's own parameters (adapter tensors left out)."""
+        return {k: v for k, v in self._children.items() if k not in ADAPTER_KEYS}
+
+    def __repr__(self) -> str:
+        shapes = {k: getattr(v, "shape", v) for k, v in self._children.items()}
+        return f"AdaptedModule({self.spec.peft_name!r}, {shapes})"
+
+
+def _flatten_with_keys(node: AdaptedModule):
+    keys = tuple(sorted(node._children))
+    return [(jax.tree_util.DictKey(k), node._children[k]) for k in keys], (keys, node.spec)
+
+
+def _unflatten(aux, children) -> AdaptedModule:
+    keys, spec = aux
+    return AdaptedModule(dict(zip(keys, children)), spec)
+
+
+jax.tree_util.register_pytree_with_keys(
+    AdaptedModule, _flatten_with_keys, _unflatten,
+    flatten_func=lambda n: ([n._children[k] for k in sorted(n._children)], (tuple(sorted(n._children)), n.spec)),
+)
+
+
+def is_adapted(x: Any) -> bool:
+    return isinstance(x, AdaptedModule)
+
+
+def adapted_modules(tree: Any) -> list[tuple[tuple, AdaptedModule]]:
+    """``(key path, node)`` for every AdaptedModule in ``tree``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+    return [(path, leaf) for path, leaf in flat if is_adapted(leaf)]
+
+
+def map_adapted(fn, tree: Any) -> Any:
+    """Replace every AdaptedModule ``n`` in ``tree`` by ``fn(n)``; everything else is left as is."""
+    return jax.tree_util.tree_map(lambda x: fn(x) if is_adapted(x) else x, tree, is_leaf=is_adapted)
+
+
+def find_key(mapping: Mapping, segment: str) -> Any:
+    """The key of ``mapping`` spelled ``segment`` (str keys, or int keys as in NNX trees), or None."""
+    if segment in mapping:
+        return segment
+    if segment.isdigit() and int(segment) in mapping:
+        return int(segment)
+    return None
+
+
+def get_path(tree: Any, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_paths(tree: Mapping, updates: dict[tuple, Any]) -> dict:
+    """A new nested dict with ``updates`` (path -> value) applied; untouched subtrees are shared."""
+    out = dict(tree)
+    children: dict[Any, dict[tuple, Any]] = {}
+    for path, value in updates.items():
+        if len(path) == 1:
+            out[path[0]] = value
+        else:
+            children.setdefault(path[0], {})[path[1:]] = value
+    for key, sub in children.items():
+        out[key] = set_paths(tree[key], sub)
+    return out
+
+
+def iter_modules(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Mapping]]:
+    """Every nested mapping whose values include arrays (a module's parameter dict), with its path."""
+    if not isinstance(tree, Mapping):
+        return
+    if any(hasattr(v, "shape") for v in tree.values()):
+        yield prefix, tree
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from iter_modules(v, prefix + (k,))

@@ -1,0 +1,131 @@
+"""``wrap(fn)``: the same function, now running every adapter it finds in its arguments, unmerged.
+
+The adapter travels inside the parameters Flax sees: each adapted module's dict gets a hidden
+entry with its LoRA factors, and a Flax method interceptor adds ``s * (x @ A) @ B`` to the output of
+every module that has a side path (Dense, DenseGeneral, Einsum, FlaxConv1D, Embed, Conv). Lifted
+transforms (``nn.scan``, ``nn.remat``) slice the hidden entries exactly like the kernel. Modules
+without a side path get their kernel merged inside the call, with a one-time warning.
+
+Example:
+    >>> forward = jax.jit(jlora.wrap(model.__call__))
+    >>> logits = forward(input_ids, params=lora_params).logits
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .merge import merged_module, plain_module
+from .side_paths import side_path_for
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, AdaptedModule, ModuleSpec, is_adapted
+
+SITE_PREFIX = "__jlora_site_"
+
+
+def _side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
+    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
+    entries["scale"] = jnp.asarray(node.spec.scale, dtype=node[LORA_A].dtype)
+    return entries
+
+
+def _site_of(module: nn.Module) -> tuple[int, dict] | None:
+    """The (site index, entries) hidden in ``module``'s params, if any."""
+    if module.scope is None:
+        return None
+    params = module.scope.variables().get("params", {})
+    for key in params:
+        if isinstance(key, str) and key.startswith(SITE_PREFIX):
+            return int(key[len(SITE_PREFIX):]), params[key]
+    return None
+
+
+def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None):
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        site = _site_of(context.module)
+        side = side_path_for(context.module) if site is not None else None
+        if side is None:
+            return next_fun(*args, **kwargs)
+        index, entries = site
+        if handled is not None:
+            handled.add(index)
+        y = next_fun(*args, **kwargs)
+        return side(context.module, args, kwargs, y, entries, specs[index])
+
+    return intercept
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) or hasattr(x, "__array__") and hasattr(x, "dtype")
+
+
+def wrap(fn: Callable) -> Callable:
+    """``fn`` with every adapter in its arguments applied unmerged (``x@W + s*(x@A)@B``).
+
+    Arguments holding LoRA params may be positional, keyword or nested (``{"params": lp}``); all
+    other arguments pass through unchanged. jit-compatible: new adapter values with the same
+    shapes reuse the compiled function.
+
+    Example:
+        >>> fwd = jax.jit(jlora.wrap(model.__call__))
+        >>> fwd(input_ids, params=jlora.load(model.params, "adapter_dir")).logits
+    """
+    probed: dict[Any, frozenset[int]] = {}
+    warned: set[str] = set()
+
+    def rebuild(leaves, treedef, sites, fallback):
+        new = list(leaves)
+        for i, node in sites.items():
+            if i in fallback:
+                new[i] = merged_module(node)
+            else:
+                new[i] = plain_module(node)
+                if node.spec.has_lora:
+                    new[i][f"{SITE_PREFIX}{i}"] = _side_entries(node)
+        return jax.tree_util.tree_unflatten(treedef, new)
+
+    def handled_sites(leaves, treedef, sites) -> frozenset[int]:
+        """Which sites a side path consumes: found once per argument structure by an abstract trace."""
+        if treedef in probed:
+            return probed[treedef]
+        handled: set[int] = set()
+        arrays = [i for i, leaf in enumerate(leaves) if i not in sites and _is_array(leaf)]
+
+        def run(array_leaves, nodes):
+            full = list(leaves)
+            for i, value in zip(arrays, array_leaves):
+                full[i] = value
+            for i, node in zip(sites, nodes):
+                full[i] = node
+            args, kwargs = rebuild(full, treedef, dict(zip(sites, nodes)), frozenset())
+            with nn.intercept_methods(_interceptor({i: n.spec for i, n in zip(sites, nodes)}, handled)):
+                return fn(*args, **kwargs)
+
+        jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
+        probed[treedef] = frozenset(handled)
+        return probed[treedef]
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapted)
+        sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
+        if not sites:
+            return fn(*args, **kwargs)
+        lora_sites = {i for i, n in sites.items() if n.spec.has_lora}
+        fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites)) if lora_sites else frozenset()
+        names = sorted(sites[i].spec.peft_name for i in fallback)
+        if names and tuple(names) not in warned:
+            warned.add(tuple(names))
+            warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
+                          "their kernels are merged inside the call", stacklevel=2)
+        new_args, new_kwargs = rebuild(leaves, treedef, sites, fallback)
+        with nn.intercept_methods(_interceptor({i: n.spec for i, n in sites.items()}, None)):
+            return fn(*new_args, **new_kwargs)
+
+    return wrapped

@@ -1,0 +1,80 @@
+"""Test helpers: a tiny PyTorch model, a PEFT adapter on it with random non-zero weights, and its
+Flax twin, all built at test time with the real torch / transformers / peft."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import jlora
+
+
+@dataclasses.dataclass
+class Twin:
+    torch_base: torch.nn.Module  # the base model before PEFT touched it
+    peft_model: torch.nn.Module  # PeftModel.from_pretrained(adapter_dir), eval mode
+    flax_model: object
+    adapter_dir: Path
+    inputs: dict  # numpy arrays
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Give every trainable tensor (LoRA factors, DoRA magnitudes, biases, saved modules) random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
+
+
+def build_twin(tmp_path: Path, torch_cls, flax_cls, config, lora_kwargs: dict, *, seed: int = 0,
+               inputs: dict | None = None, base_dtype=torch.float32) -> Twin:
+    import peft
+
+    torch.manual_seed(seed)
+    base = torch_cls(config).eval()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir, safe_serialization=True)
+    flax_model = flax_cls.from_pretrained(base_dir, from_pt=True)
+
+    work = copy.deepcopy(base)
+    lcfg = peft.LoraConfig(init_lora_weights=False, **lora_kwargs)
+    pm = peft.get_peft_model(work, lcfg)
+    perturb_trainable(pm, seed + 1)
+    adapter_dir = tmp_path / "adapter"
+    pm.save_pretrained(adapter_dir)
+
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(base_dtype), adapter_dir).eval()
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        inputs = {"input_ids": rng.integers(0, config.vocab_size, size=(2, 7)).astype(np.int32)}
+    return Twin(base, judge, flax_model, adapter_dir, inputs)
+
+
+def torch_logits(model, inputs: dict) -> np.ndarray:
+    with torch.no_grad():
+        out = model(**{k: torch.as_tensor(np.asarray(v)).long() if v.dtype.kind in "iu" else torch.as_tensor(v)
+                       for k, v in inputs.items()})
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float().numpy()
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+
+
+def flax_logits_wrapped(twin: Twin, lora_params, **kw) -> np.ndarray:
+    import jax
+
+    fwd = jax.jit(jlora.wrap(twin.flax_model.__call__))
+    out = fwd(**twin.inputs, params=lora_params, **kw)
+    return np.asarray(out.logits if hasattr(out, "logits") else out[0], np.float32)
+
+
+def flax_logits_plain(twin: Twin, params, **kw) -> np.ndarray:
+    out = twin.flax_model(**twin.inputs, params=params, **kw)
+    return np.asarray(out.logits if hasattr(out, "logits") else out[0], np.float32)
