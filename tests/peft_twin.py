@@ -50,7 +50,9 @@ def build_twin(tmp_path: Path, torch_cls, flax_cls, config, lora_kwargs: dict, *
     judge = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(base_dtype), adapter_dir).eval()
     if inputs is None:
         rng = np.random.default_rng(seed)
-        inputs = {"input_ids": rng.integers(0, config.vocab_size, size=(2, 7)).astype(np.int32)}
+        ids = rng.integers(0, config.vocab_size, size=(2, 7)).astype(np.int32)
+        ids[0, :5] = np.array([1, 3, 5, 7, 60]) % config.vocab_size  # ids the trainable-token tests use
+        inputs = {"input_ids": ids}
     return Twin(base, judge, flax_model, adapter_dir, inputs)
 
 

@@ -1,0 +1,53 @@
+"""Parity with PEFT for every adapter feature jlora supports (float32, tiny models built here)."""
+from __future__ import annotations
+
+import pytest
+
+import jlora
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+from test_parity_models import gemma, gpt2, llama, opt
+
+TOL = 1e-4
+
+FEATURES = {
+    "rslora": (llama, dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+    "rank_and_alpha_patterns": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+                                            alpha_pattern={"v_proj": 3, r"layers\.0\.mlp\.down_proj": 20})),
+    "regex_targets": (llama, dict(r=4, lora_alpha=8, target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.up_proj)")),
+    "exclude_modules": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                    exclude_modules=["layers.0.self_attn.q_proj"])),
+    "layers_to_transform": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                        layers_to_transform=[1], layers_pattern="layers")),
+    "all_linear": (llama, dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "bias_all": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
+    "bias_lora_only": (opt, dict(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], bias="lora_only")),
+    "lora_bias": (opt, dict(r=4, lora_alpha=8, target_modules=["v_proj", "fc2"], lora_bias=True)),
+    "dora_linear": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+    "dora_gpt2_conv1d": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True,
+                                    fan_in_fan_out=True)),
+    "dora_embedding": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"], use_dora=True)),
+    "embedding_lora": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "embedding_lora_tied_gpt2": (gpt2, dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"],
+                                            fan_in_fan_out=True)),
+    "modules_to_save_lm_head": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                            modules_to_save=["lm_head", "norm"])),
+    "trainable_tokens": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                     trainable_token_indices=[3, 5, 60])),
+    "trainable_tokens_tied_gemma": (gemma, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                trainable_token_indices={"embed_tokens": [1, 7]})),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_parity(feature, tmp_path):
+    make, lora = FEATURES[feature]
+    torch_cls, flax_cls, cfg = make()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora)
+    want = torch_logits(twin.peft_model, twin.inputs)
+    assert rel_err(flax_logits_plain(twin, twin.flax_model.params), want) > 100 * TOL
+
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
+    merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= TOL

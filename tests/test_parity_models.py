@@ -1,0 +1,85 @@
+"""Parity with PEFT across architectures: jlora.wrap and jlora.merge vs PeftModel.from_pretrained."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import transformers as tf
+
+import jlora
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+
+TOL = 1e-4
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+
+
+def llama():
+    return tf.LlamaForCausalLM, tf.FlaxLlamaForCausalLM, tf.LlamaConfig(num_key_value_heads=2, **SMALL)
+
+
+def mistral():
+    return tf.MistralForCausalLM, tf.FlaxMistralForCausalLM, tf.MistralConfig(num_key_value_heads=2,
+                                                                                sliding_window=32, **SMALL)
+
+
+def gemma():
+    return tf.GemmaForCausalLM, tf.FlaxGemmaForCausalLM, tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **SMALL)
+
+
+def gpt2():
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return tf.GPT2LMHeadModel, tf.FlaxGPT2LMHeadModel, cfg
+
+
+def opt():
+    cfg = tf.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    return tf.OPTForCausalLM, tf.FlaxOPTForCausalLM, cfg
+
+
+def bert_cls():
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    return tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification, cfg
+
+
+def bart():
+    cfg = tf.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                        max_position_embeddings=64)
+    return tf.BartForConditionalGeneration, tf.FlaxBartForConditionalGeneration, cfg
+
+
+def bart_inputs(cfg):
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(3, cfg.vocab_size, size=(2, 7)).astype(np.int32),
+            "decoder_input_ids": rng.integers(3, cfg.vocab_size, size=(2, 5)).astype(np.int32)}
+
+
+CASES = {
+    "llama": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"])),
+    "mistral": (mistral, dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gemma": (gemma, dict(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"])),
+    "gpt2": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "opt": (opt, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "out_proj", "fc1", "fc2"])),
+    "bert_seq_cls": (bert_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                                    modules_to_save=["classifier"])),
+    "bart": (bart, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "out_proj"])),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_architecture_parity(name, tmp_path):
+    make, lora = CASES[name]
+    torch_cls, flax_cls, cfg = make()
+    inputs = bart_inputs(cfg) if name == "bart" else None
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora, inputs=inputs)
+    want = torch_logits(twin.peft_model, twin.inputs)
+    base = flax_logits_plain(twin, twin.flax_model.params)
+    assert rel_err(base, want) > 100 * TOL, "the adapter should change the output"
+
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
+    merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= TOL
