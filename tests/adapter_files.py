@@ -1,0 +1,45 @@
+"""Test helpers: tiny Flax models and adapter folders written directly (no torch needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import transformers as tf
+from safetensors.numpy import save_file
+
+PREFIX = "base_model.model."
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = tf.LlamaConfig(**{**kwargs, **overrides})
+    return tf.FlaxLlamaForCausalLM(cfg, seed=seed)
+
+
+def llama_lora_tensors(r: int = 4, hidden: int = 32, kv: int = 16, layers: int = 2, seed: int = 0,
+                       modules=("q_proj", "v_proj")) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out_dims = {"q_proj": hidden, "k_proj": kv, "v_proj": kv, "o_proj": hidden}
+    tensors = {}
+    for i in range(layers):
+        for m in modules:
+            name = f"{PREFIX}model.layers.{i}.self_attn.{m}"
+            tensors[f"{name}.lora_A.weight"] = rng.standard_normal((r, hidden)).astype(np.float32)
+            tensors[f"{name}.lora_B.weight"] = rng.standard_normal((out_dims[m], r)).astype(np.float32)
+    return tensors
+
+
+def write_adapter(folder: Path, config: dict | str | None = None, tensors: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    if config is not False:
+        (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if tensors is None:
+        tensors = llama_lora_tensors()
+    if tensors is not False:
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder

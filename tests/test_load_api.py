@@ -1,0 +1,90 @@
+"""load/wrap/merge as pure functions: inputs untouched, base arrays shared, no recompiles."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
+
+
+def _leaves_by_path(tree):
+    return {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_load_is_pure_and_shares_base_arrays(tmp_path):
+    model = tiny_llama()
+    params = model.params
+    before = _leaves_by_path(params)
+    lp = jlora.load(params, write_adapter(tmp_path / "a"))
+    after = _leaves_by_path(params)
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert "lora_A" not in params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    q = lp["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    assert q["kernel"] is params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert lp["model"]["embed_tokens"] is params["model"]["embed_tokens"]  # untouched subtrees shared
+    assert q["lora_A"].shape == (32, 4) and q["lora_B"].shape == (4, 32)
+    assert q.spec.scale == 2.0 and q.spec.peft_name == "model.layers.0.self_attn.q_proj"
+
+
+def test_merge_and_wrap_do_not_modify_numpy_params(tmp_path):
+    model = tiny_llama()
+    params = jax.tree_util.tree_map(np.array, model.params)
+    copies = jax.tree_util.tree_map(np.copy, params)
+    lp = jlora.load(params, write_adapter(tmp_path / "a"))
+    jlora.merge(lp)
+    ids = np.array([[1, 2, 3]], np.int32)
+    jlora.wrap(model.__call__)(ids, params=lp)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(copies)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_merge_formula(tmp_path):
+    model = tiny_llama()
+    tensors = llama_lora_tensors()
+    lp = jlora.load(model.params, write_adapter(tmp_path / "a", tensors=tensors))
+    merged = jlora.merge(lp)
+    name = "base_model.model.model.layers.1.self_attn.v_proj"
+    a, b = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+    want = np.asarray(model.params["model"]["layers"]["1"]["self_attn"]["v_proj"]["kernel"]) + 2.0 * (b @ a).T
+    np.testing.assert_allclose(merged["model"]["layers"]["1"]["self_attn"]["v_proj"]["kernel"], want, rtol=1e-6)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(model.params)
+
+
+def test_new_adapter_values_do_not_recompile(tmp_path):
+    model = tiny_llama()
+    traces = []
+
+    def forward(ids, params):
+        traces.append(1)
+        return model(ids, params=params).logits
+
+    fwd = jax.jit(jlora.wrap(forward))
+    ids = jnp.array([[1, 2, 3]], jnp.int32)
+    lp1 = jlora.load(model.params, write_adapter(tmp_path / "a", tensors=llama_lora_tensors(seed=1)))
+    lp2 = jlora.load(model.params, write_adapter(tmp_path / "b", tensors=llama_lora_tensors(seed=2)))
+    out1, out2 = fwd(ids, lp1), fwd(ids, lp2)
+    assert not np.allclose(out1, out2)
+    assert len(traces) == 2  # one abstract probe + one real trace, both in the first call only
+    fwd(ids, lp1)
+    assert len(traces) == 2
+
+
+def test_int_keyed_tree_loads_and_merges(tmp_path):
+    """NNX-style pure dicts use int keys for layer lists."""
+    model = tiny_llama()
+    params = dict(model.params)
+    params["model"] = dict(params["model"])
+    params["model"]["layers"] = {int(k): v for k, v in params["model"]["layers"].items()}
+    lp = jlora.load(params, write_adapter(tmp_path / "a"))
+    assert "lora_A" in lp["model"]["layers"][1]["self_attn"]["q_proj"]
+    merged = jlora.merge(lp)
+    assert set(merged["model"]["layers"]) == {0, 1}
+
+
+def test_base_class_tree_without_prefix(tmp_path):
+    """A FlaxLlamaModel tree has no 'model' prefix; the adapter (made on LlamaForCausalLM) still fits."""
+    model = tiny_llama()
+    lp = jlora.load(model.params["model"], write_adapter(tmp_path / "a"))
+    assert "lora_B" in lp["layers"]["0"]["self_attn"]["v_proj"]

@@ -1,0 +1,56 @@
+"""Parity with PEFT for a bfloat16 base model and for LoRA on convolutions (ViT patch embedding)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers as tf
+
+import jlora
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+from test_parity_models import llama
+
+
+def test_bfloat16_base(tmp_path):
+    torch_cls, flax_cls, cfg = llama()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                      base_dtype=torch.bfloat16)
+    want = torch_logits(twin.peft_model, twin.inputs)
+    params = twin.flax_model.to_bf16(twin.flax_model.params)
+    lora_params = jlora.load(params, twin.adapter_dir)
+    q = lora_params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    assert q["kernel"].dtype == jnp.bfloat16 and q["lora_A"].dtype == jnp.float32  # PEFT keeps adapters in fp32
+    wrapped = flax_logits_wrapped(twin, lora_params)
+    merged_params = jlora.merge(lora_params)
+    assert merged_params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    merged = flax_logits_plain(twin, merged_params)
+    base = flax_logits_plain(twin, params)
+    # bf16 rounding differs between torch and XLA; the adapter's effect is far larger than that noise
+    assert rel_err(base, want) > 0.1
+    assert rel_err(wrapped, want) < 2e-2
+    assert rel_err(merged, want) < 2e-2
+
+
+def test_adapter_dtype_argument(tmp_path):
+    torch_cls, flax_cls, cfg = llama()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    lp = jlora.load(twin.flax_model.params, twin.adapter_dir, dtype=jnp.bfloat16)
+    assert lp["model"]["layers"]["1"]["self_attn"]["q_proj"]["lora_B"].dtype == jnp.bfloat16
+
+
+def test_vit_conv_and_linear_parity(tmp_path):
+    cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    twin = build_twin(tmp_path, tf.ViTForImageClassification, tf.FlaxViTForImageClassification, cfg,
+                      dict(r=4, lora_alpha=8, target_modules=["projection", "query", "value"],
+                           modules_to_save=["classifier"]),
+                      inputs={"pixel_values": pixels})
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    proj = lora_params["vit"]["embeddings"]["patch_embeddings"]["projection"]
+    assert proj["lora_A"].shape == (4, 4, 3, 4) and proj["lora_B"].shape == (4, 32)
+    assert rel_err(flax_logits_plain(twin, twin.flax_model.params), want) > 1e-2
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= 1e-4
+    merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= 1e-4

@@ -1,0 +1,98 @@
+"""wrap on plain flax.linen models: DenseGeneral, Einsum, Dense side paths, the merge fallback for a
+module class without one, module.apply with nested params, and agreement with jlora.merge."""
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora.tree import AdaptedModule, ModuleSpec
+
+
+class RawMatmul(nn.Module):
+    """A module that uses a kernel directly: it has no side path."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.normal(), (x.shape[-1], 8))
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (B, T, 8)
+        h = nn.DenseGeneral(features=(2, 4), name="dg")(x)  # kernel (8, 2, 4)
+        h = h.reshape(h.shape[:-2] + (8,))
+        h = nn.Einsum((2, 8, 4), "btd,ndh->btnh", name="es")(h)  # kernel (N=2, D=8, H=4)
+        h = jnp.tanh(h.reshape(h.shape[:-2] + (8,)))
+        h = RawMatmul(name="raw")(h)
+        return nn.Dense(3, name="out")(h)
+
+
+def _adapted(module: dict, a, b, scale, perm, name) -> AdaptedModule:
+    spec = ModuleSpec(peft_name=name, kind="linear", scale=scale, kernel_perm=perm, trainable=("lora_A", "lora_B"))
+    return AdaptedModule({**module, "lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)}, spec)
+
+
+@pytest.fixture
+def setup():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    params = Net().init(jax.random.key(0), x)["params"]
+    r = 3
+    f = {n: (rng.standard_normal(s_a).astype(np.float32), rng.standard_normal(s_b).astype(np.float32))
+         for n, s_a, s_b in [("dg", (8, r), (r, 2, 4)), ("es", (8, r), (r, 2, 4)), ("raw", (8, r), (r, 8)),
+                             ("out", (8, r), (r, 3))]}
+    lp = dict(params)
+    lp["dg"] = _adapted(params["dg"], *f["dg"], 0.5, (0, 1, 2), "dg")
+    lp["es"] = _adapted(params["es"], *f["es"], 2.0, (1, 0, 2), "es")  # canonical (d, n, h) -> kernel (n, d, h)
+    lp["raw"] = _adapted(params["raw"], *f["raw"], 1.5, (0, 1), "raw")
+    lp["out"] = _adapted(params["out"], *f["out"], 1.0, (0, 1), "out")
+    # the merged kernels, computed independently with numpy
+    expected = dict(params)
+    expected["dg"] = {**params["dg"], "kernel": params["dg"]["kernel"] + 0.5 * np.einsum("ir,rnh->inh", *f["dg"])}
+    expected["es"] = {**params["es"], "kernel": params["es"]["kernel"] + 2.0 * np.einsum("dr,rnh->ndh", *f["es"])}
+    expected["raw"] = {"kernel": params["raw"]["kernel"] + 1.5 * f["raw"][0] @ f["raw"][1]}
+    expected["out"] = {**params["out"], "kernel": params["out"]["kernel"] + f["out"][0] @ f["out"][1]}
+    return x, params, lp, expected
+
+
+def test_wrap_matches_merged_kernels(setup):
+    x, params, lp, expected = setup
+    want = Net().apply({"params": expected}, x)
+    base = Net().apply({"params": params}, x)
+    assert float(jnp.max(jnp.abs(want - base))) > 1e-2
+    with pytest.warns(UserWarning, match="no unmerged side path for \\['raw'\\]"):
+        got = jax.jit(jlora.wrap(Net().apply))({"params": lp}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Net().apply({"params": jlora.merge(lp)}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_warning_is_given_once(setup):
+    x, _, lp, _ = setup
+    fwd = jlora.wrap(Net().apply)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fwd({"params": lp}, x)
+        fwd({"params": lp}, x)
+    assert sum("no unmerged side path" in str(w.message) for w in caught) == 1
+
+
+def test_side_path_does_not_form_merged_kernel(setup):
+    """The compiled forward holds no (8, 2, 4)-sized sum for the DenseGeneral: only the fallback merges."""
+    x, _, lp, _ = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jaxpr = jax.make_jaxpr(jlora.wrap(Net().apply))({"params": lp}, x)
+    adds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "add"
+            and tuple(e.outvars[0].aval.shape) in {(8, 2, 4), (2, 8, 4)}]
+    assert adds == []
+
+
+def test_wrap_without_adapter_is_identity(setup):
+    x, params, _, _ = setup
+    np.testing.assert_array_equal(jlora.wrap(Net().apply)({"params": params}, x), Net().apply({"params": params}, x))
