@@ -16,7 +16,11 @@ import jax
 import numpy as np
 from transformers import FlaxLlamaForCausalLM
 
-import jlora
+try:
+    import jlora
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import jlora
 from jlora.tree import adapted_modules
 
 ASSETS = Path(__file__).resolve().parent / "assets"

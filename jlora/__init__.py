@@ -11,12 +11,16 @@ from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, Ta
                      UnsupportedAdapterError)
 from .layout import HfLayout
 from .load import load, place
+from .init import init
 from .merge import merge
+from .save import save, to_peft_tensors
+from .train import combine, count_trainable, optimizer, split, trainable_mask
 from .tree import AdaptedModule, ModuleSpec
 from .wrap import wrap
 
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "LoraConfig", "ModuleSpec",
-    "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "load", "merge", "place", "wrap",
+    "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "combine", "count_trainable", "init", "load",
+    "merge", "optimizer", "place", "save", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

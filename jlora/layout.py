@@ -42,11 +42,14 @@ def torch_to_flax_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.
     return a.transpose(*range(2, a.ndim), 1, 0), b.reshape(b.shape[0], b.shape[1]).T
 
 
-def flax_to_torch_factors(a, b, kernel_ndim: int):
+def flax_to_torch_factors(a, b, kernel_ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`torch_to_flax_factors` for a kernel with ``kernel_ndim`` axes."""
-    a_t = np.asarray(a).transpose(a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
+    a = np.asarray(a)
+    a_t = a.transpose(a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
     b_t = np.asarray(b).T
-    return a_t, b_t.reshape(*b_t.shape, *([1] * (kernel_ndim - 2))) if a.ndim > 2 else b_t
+    if a.ndim > 2:  # conv: B is (out, r, 1, ...)
+        b_t = b_t.reshape(*b_t.shape, *([1] * (kernel_ndim - 2)))
+    return a_t, b_t
 
 
 def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:
@@ -161,6 +164,14 @@ class HfLayout:
         if torch_param in module:
             return ParamMapping(torch_param, _identity, np.asarray)
         return None
+
+    def torch_param(self, flax_key: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+        """The PyTorch parameter name of Flax leaf ``flax_key`` and the conversion to its layout."""
+        if flax_key == "kernel":
+            return "weight", kernel_to_torch_weight
+        if flax_key in ("embedding", "scale"):
+            return "weight", np.asarray
+        return flax_key, np.asarray
 
     # ---- diagnostics --------------------------------------------------------------------------
     def closest(self, name: str, n: int = 3) -> list[str]:

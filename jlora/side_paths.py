@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from .merge import dora_factor, to_canonical
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, ModuleSpec
 
-SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec], jax.Array]
+# side(module, args, kwargs, y, entries, spec, drop) -> output; ``drop`` is the LoRA-branch dropout
+SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec, Callable], jax.Array]
 
 
 def _input(args: tuple, kwargs: dict) -> jax.Array:
@@ -42,26 +43,26 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
 
 
-def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...]) -> jax.Array:
-    """``(x @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x."""
+def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], drop: Callable) -> jax.Array:
+    """``(drop(x) @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x."""
     a = entries[LORA_A]
-    xa = jax.lax.dot_general(x.astype(a.dtype), a, ((x_axes, tuple(range(len(x_axes)))), ((), ())))
+    xa = jax.lax.dot_general(drop(x.astype(a.dtype)), a, ((x_axes, tuple(range(len(x_axes)))), ((), ())))
     return jnp.tensordot(xa, entries[LORA_B], axes=1)
 
 
-def dense_side(module, args, kwargs, y, entries, spec):
+def dense_side(module, args, kwargs, y, entries, spec, drop):
     x = _input(args, kwargs)
-    return _finish(module, y, _contract(x, entries, (x.ndim - 1,)), entries, spec)
+    return _finish(module, y, _contract(x, entries, (x.ndim - 1,), drop), entries, spec)
 
 
-def dense_general_side(module, args, kwargs, y, entries, spec):
+def dense_general_side(module, args, kwargs, y, entries, spec, drop):
     x = _input(args, kwargs)
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
-    return _finish(module, y, _contract(x, entries, axes), entries, spec)
+    return _finish(module, y, _contract(x, entries, axes, drop), entries, spec)
 
 
-def einsum_side(module, args, kwargs, y, entries, spec):
+def einsum_side(module, args, kwargs, y, entries, spec, drop):
     x = _input(args, kwargs)
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
     spec_str = (einsum_str or module.einsum_str).replace(" ", "")
@@ -72,22 +73,22 @@ def einsum_side(module, args, kwargs, y, entries, spec):
     r = next(c for c in string.ascii_letters if c not in spec_str)
     x_rest = "".join(c for c in x_sub if c not in ins)
     a = entries[LORA_A]
-    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x.astype(a.dtype), a)
+    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", drop(x.astype(a.dtype)), a)
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", xa, entries[LORA_B])
     return _finish(module, y, lora, entries, spec)
 
 
-def embed_side(module, args, kwargs, y, entries, spec):
+def embed_side(module, args, kwargs, y, entries, spec, drop):  # PEFT: no dropout on embeddings
     ids = _input(args, kwargs)
     rows = jnp.take(entries[LORA_A], ids, axis=0)
     return _finish(module, y, jnp.tensordot(rows, entries[LORA_B], axes=1), entries, spec)
 
 
-def conv_side(module, args, kwargs, y, entries, spec):
+def conv_side(module, args, kwargs, y, entries, spec, drop):
     x = _input(args, kwargs)
     a = entries[LORA_A]
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
-    xa = down.apply({"params": {"kernel": a}}, x.astype(a.dtype))
+    xa = down.apply({"params": {"kernel": a}}, drop(x.astype(a.dtype)))
     return _finish(module, y, jnp.tensordot(xa, entries[LORA_B], axes=1), entries, spec)
 
 

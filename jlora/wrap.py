@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -44,7 +45,20 @@ def _site_of(module: nn.Module) -> tuple[int, dict] | None:
     return None
 
 
-def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None):
+def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module):
+    """LoRA-branch dropout for one module call (identity without a key or with rate 0)."""
+    if key is None or rate == 0.0:
+        return lambda x: x
+    key = jax.random.fold_in(jax.random.fold_in(key, site), zlib.crc32("/".join(module.path).encode()))
+
+    def drop(x):
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+    return drop
+
+
+def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout_key: jax.Array | None = None):
     def intercept(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -56,7 +70,8 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None):
         if handled is not None:
             handled.add(index)
         y = next_fun(*args, **kwargs)
-        return side(context.module, args, kwargs, y, entries, specs[index])
+        drop = _dropout(dropout_key, specs[index].dropout, index, context.module)
+        return side(context.module, args, kwargs, y, entries, specs[index], drop)
 
     return intercept
 
@@ -71,6 +86,9 @@ def wrap(fn: Callable) -> Callable:
     Arguments holding LoRA params may be positional, keyword or nested (``{"params": lp}``); all
     other arguments pass through unchanged. jit-compatible: new adapter values with the same
     shapes reuse the compiled function.
+
+    Training: pass ``lora_dropout_key=key`` to the wrapped function to apply the adapter's
+    ``lora_dropout`` to the LoRA branch input (as PEFT in train mode); without it, no dropout.
 
     Example:
         >>> fwd = jax.jit(jlora.wrap(model.__call__))
@@ -112,7 +130,7 @@ def wrap(fn: Callable) -> Callable:
         return probed[treedef]
 
     @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
+    def wrapped(*args, lora_dropout_key: jax.Array | None = None, **kwargs):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapted)
         sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
         if not sites:
@@ -125,7 +143,7 @@ def wrap(fn: Callable) -> Callable:
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call", stacklevel=2)
         new_args, new_kwargs = rebuild(leaves, treedef, sites, fallback)
-        with nn.intercept_methods(_interceptor({i: n.spec for i, n in sites.items()}, None)):
+        with nn.intercept_methods(_interceptor({i: n.spec for i, n in sites.items()}, None, lora_dropout_key)):
             return fn(*new_args, **new_kwargs)
 
     return wrapped

@@ -1,0 +1,73 @@
+"""Training is which leaves the optimizer may move: masks, an optax partition, and split/combine.
+
+Example:
+    >>> tx = jlora.optimizer(optax.adamw(1e-3), lora_params)      # frozen leaves: set_to_zero, no state
+    >>> trainable, frozen = jlora.split(lora_params)
+    >>> grads = jax.grad(loss)(trainable, frozen, batch)          # gradients only for trainable leaves
+    >>> lora_params = jlora.combine(optax.apply_updates(trainable, updates), frozen)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from .tree import AdaptedModule, map_adapted
+
+
+def _module_mask(node: AdaptedModule) -> AdaptedModule:
+    return AdaptedModule({k: None if v is None else k in node.spec.trainable for k, v in node.items()}, node.spec)
+
+
+def trainable_mask(lora_params: Any) -> Any:
+    """A bool tree shaped like ``lora_params``: True exactly on the leaves PEFT would train
+    (lora_A, lora_B, DoRA magnitude, lora_bias, modules_to_save copies, trained biases, token rows).
+
+    Example:
+        >>> mask = jlora.trainable_mask(lora_params)
+    """
+    marked = map_adapted(_module_mask, lora_params)
+    return jax.tree_util.tree_map(lambda x: x if isinstance(x, bool) else False, marked)
+
+
+def optimizer(tx: optax.GradientTransformation, lora_params: Any) -> optax.GradientTransformation:
+    """``tx`` on the trainable leaves, ``optax.set_to_zero()`` (and no state) on all others.
+
+    Example:
+        >>> tx = jlora.optimizer(optax.adamw(1e-4), lora_params)
+        >>> opt_state = tx.init(lora_params)
+    """
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable_mask(lora_params))
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def split(lora_params: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: two trees shaped like ``lora_params`` with ``None`` where the other
+    holds the leaf. Differentiate only ``trainable``; :func:`combine` puts them back together.
+
+    Example:
+        >>> trainable, frozen = jlora.split(lora_params)
+    """
+    mask = trainable_mask(lora_params)
+    trainable = jax.tree_util.tree_map(lambda x, m: x if m else None, lora_params, mask)
+    frozen = jax.tree_util.tree_map(lambda x, m: None if m else x, lora_params, mask)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`split`.
+
+    Example:
+        >>> lora_params = jlora.combine(trainable, frozen)
+    """
+    is_none = lambda x: x is None  # noqa: E731
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=is_none)
+
+
+def count_trainable(lora_params: Any) -> int:
+    """Number of trainable scalars."""
+    mask = trainable_mask(lora_params)
+    return sum(int(x.size) for x, m in zip(jax.tree_util.tree_leaves(lora_params), jax.tree_util.tree_leaves(mask))
+               if m)
+

@@ -1,0 +1,212 @@
+"""Continued training: same loss and gradients as PEFT, ten AdamW steps in lockstep with torch,
+round trips through jlora.save into PEFT, fresh adapters from jlora.init."""
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import jlora
+from peft_twin import build_twin, flax_logits_wrapped, rel_err, torch_logits
+from test_parity_models import llama
+
+
+def llama_with_biases():
+    torch_cls, flax_cls, cfg = llama()
+    cfg.attention_bias = True
+    return torch_cls, flax_cls, cfg
+
+LORA = {
+    "plain": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "dora": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True)),
+    "lora_bias_and_bias_all": (llama_with_biases, dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                       lora_bias=True, bias="all")),
+    "embedding_and_modules_to_save": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"],
+                                                  modules_to_save=["lm_head"])),
+    "trainable_tokens": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[1, 3])),
+}
+
+
+def jax_loss_fn(model):
+    fwd = jlora.wrap(model.__call__)
+
+    def loss(trainable, frozen, ids):
+        logits = fwd(ids, params=jlora.combine(trainable, frozen)).logits[:, :-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+    return loss
+
+
+def torch_trainable(pm):
+    return {n: p for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def torch_grads_by_peft_key(pm):
+    grads = {n: p.grad for n, p in torch_trainable(pm).items()}
+    return {k: v.numpy() for k, v in peft.get_peft_model_state_dict(pm, state_dict=grads).items()}
+
+
+def make(tmp_path, case):
+    make_model, lora = LORA[case]
+    torch_cls, flax_cls, cfg = make_model()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora)
+    trainable = peft.PeftModel.from_pretrained(copy.deepcopy(twin.torch_base), twin.adapter_dir, is_trainable=True)
+    return twin, trainable
+
+
+@pytest.mark.parametrize("case", list(LORA))
+def test_loss_and_gradients_match_peft(tmp_path, case):
+    twin, pm = make(tmp_path, case)
+    ids = twin.inputs["input_ids"]
+    loss_t = pm(input_ids=torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss
+    loss_t.backward()
+    want = torch_grads_by_peft_key(pm)
+
+    lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    trainable, frozen = jlora.split(lp)
+    loss_j, grads = jax.value_and_grad(jax_loss_fn(twin.flax_model))(trainable, frozen, jnp.asarray(ids))
+    assert rel_err(loss_j, loss_t.item()) <= 1e-4
+    got = jlora.to_peft_tensors(jlora.combine(grads, frozen))
+    assert set(want) <= set(got)
+    assert sum(int(np.prod(v.shape)) for v in want.values()) == jlora.count_trainable(lp)
+    for key, g in want.items():
+        assert rel_err(got[key], g) <= 1e-4, key
+
+
+@pytest.mark.parametrize("case", ["plain", "dora", "lora_bias_and_bias_all"])
+def test_ten_adamw_steps_match_torch(tmp_path, case):
+    twin, pm = make(tmp_path, case)
+    ids = twin.inputs["input_ids"]
+    opt_t = torch.optim.AdamW(list(torch_trainable(pm).values()), lr=1e-2, weight_decay=0.01, eps=1e-8)
+    for _ in range(10):
+        opt_t.zero_grad()
+        pm(input_ids=torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss.backward()
+        opt_t.step()
+    want = {k: v.detach().numpy() for k, v in peft.get_peft_model_state_dict(pm).items()}
+
+    lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    trainable, frozen = jlora.split(lp)
+    tx = jlora.optimizer(optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01), trainable)
+    state = tx.init(trainable)
+    grad_fn = jax.jit(jax.grad(jax_loss_fn(twin.flax_model)))
+    for _ in range(10):
+        updates, state = tx.update(grad_fn(trainable, frozen, jnp.asarray(ids)), state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    got = jlora.to_peft_tensors(jlora.combine(trainable, frozen))
+    assert set(got) == set(want)
+    moved = 0
+    for key in want:
+        assert rel_err(got[key], want[key]) <= 1e-3, key
+        moved += not np.allclose(want[key], load_file(twin.adapter_dir / "adapter_model.safetensors")[key].numpy())
+    assert moved > 0
+
+
+def _peft_loads_cleanly(base, adapter_dir):
+    """PEFT model for ``adapter_dir``; fails on unexpected keys or missing adapter keys."""
+    cfg = peft.LoraConfig.from_pretrained(adapter_dir)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    result = peft.set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
+    assert not result.unexpected_keys
+    adapter_words = ("lora_", "modules_to_save", "token_adapter")
+    assert not [k for k in result.missing_keys if any(w in k for w in adapter_words) and "base_layer" not in k]
+    return pm.eval()
+
+
+def test_train_save_reload_in_peft(tmp_path):
+    twin, _ = make(tmp_path, "dora")
+    lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    tx = jlora.optimizer(optax.adam(1e-2), lp)
+    state = tx.init(lp)
+    loss = jax_loss_fn(twin.flax_model)
+    ids = jnp.asarray(twin.inputs["input_ids"])
+    full_loss = lambda p: loss(*jlora.split(p), ids)  # noqa: E731
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(full_loss)(lp), state, lp)
+        lp = optax.apply_updates(lp, updates)
+    out = jlora.save(lp, tmp_path / "trained")
+    pm = _peft_loads_cleanly(twin.torch_base, out)
+    got = flax_logits_wrapped(twin, lp)
+    assert rel_err(got, torch_logits(pm, twin.inputs)) <= 1e-4
+    assert rel_err(got, torch_logits(twin.peft_model, twin.inputs)) > 1e-3  # training changed it
+
+    again = jlora.load(twin.flax_model.params, out)
+    for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(lp)[0], jax.tree_util.tree_flatten_with_path(again)[0]):
+        assert pa == pb and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree_util.tree_structure(lp) == jax.tree_util.tree_structure(again)
+
+
+@pytest.mark.parametrize("lora", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+    dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "k_proj"], modules_to_save=["lm_head"],
+         init_lora_weights="gaussian", rank_pattern={"k_proj": 3}),
+    dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[2, 9], init_lora_weights=False),
+])
+def test_init_save_loads_in_peft(tmp_path, lora):
+    torch_cls, flax_cls, cfg = llama()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, target_modules=["q_proj"]))
+    lp = jlora.init(twin.flax_model.params, jlora.LoraConfig(**lora), key=jax.random.key(0))
+    out = jlora.save(lp, tmp_path / "fresh")
+    pm = _peft_loads_cleanly(twin.torch_base, out)
+    assert rel_err(flax_logits_wrapped(twin, lp), torch_logits(pm, twin.inputs)) <= 1e-4
+
+
+def test_init_matches_peft_statistics(tmp_path):
+    """A kaiming-uniform(a=sqrt(5)) like nn.Linear: uniform in +-1/sqrt(fan_in); B zero."""
+    torch_cls, flax_cls, cfg = llama()
+    model = flax_cls(cfg, seed=0)
+    lp = jlora.init(model.params, jlora.LoraConfig(r=16, target_modules=["gate_proj"]), key=jax.random.key(1))
+    node = lp["model"]["layers"]["0"]["mlp"]["gate_proj"]
+    a = np.asarray(node["lora_A"])
+    bound = 1 / np.sqrt(32)
+    assert a.min() >= -bound and a.max() <= bound and a.std() > 0.5 * bound / np.sqrt(3)
+    assert not np.any(np.asarray(node["lora_B"]))
+    assert set(node.spec.trainable) == {"lora_A", "lora_B"}
+
+
+def test_optimizer_state_only_for_trainable_leaves(tmp_path):
+    torch_cls, flax_cls, cfg = llama()
+    model = flax_cls(cfg, seed=0)
+    lp = jlora.init(model.params, jlora.LoraConfig(r=4, target_modules=["q_proj"]), key=jax.random.key(0))
+    state = jlora.optimizer(optax.adam(1e-3), lp).init(lp)
+    sizes = [x.size for x in jax.tree_util.tree_leaves(state) if hasattr(x, "size") and x.ndim > 0]
+    assert sum(sizes) == 2 * jlora.count_trainable(lp)  # mu and nu, nothing for frozen leaves
+    mask = jlora.trainable_mask(lp)
+    assert jax.tree_util.tree_structure(mask) == jax.tree_util.tree_structure(lp)
+    assert sum(jax.tree_util.tree_leaves(mask)) == 4  # 2 layers x (A, B)
+
+
+def test_no_gradient_for_frozen_kernels(tmp_path):
+    torch_cls, flax_cls, cfg = llama()
+    model = flax_cls(cfg, seed=0)
+    lp = jlora.init(model.params, jlora.LoraConfig(r=4, target_modules=["q_proj"]), key=jax.random.key(0))
+    trainable, frozen = jlora.split(lp)
+    ids = jnp.ones((1, 5), jnp.int32)
+    jaxpr = jax.make_jaxpr(jax.grad(jax_loss_fn(model)))(trainable, frozen, ids)
+    frozen_shapes = {(32, 48), (48, 32), (64, 32), (32, 64)}  # mlp kernels, embedding, lm_head
+    shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")}
+    assert not shapes & frozen_shapes
+
+
+def test_dropout_only_with_a_key(tmp_path):
+    torch_cls, flax_cls, cfg = llama()
+    model = flax_cls(cfg, seed=0)
+    config = jlora.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False)
+    lp = jlora.init(model.params, config, key=jax.random.key(0))
+    fwd = jax.jit(jlora.wrap(model.__call__))
+    ids = jnp.arange(8, dtype=jnp.int32)[None]
+    plain = fwd(ids, params=lp).logits
+    drop1 = fwd(ids, params=lp, lora_dropout_key=jax.random.key(1)).logits
+    drop1_again = fwd(ids, params=lp, lora_dropout_key=jax.random.key(1)).logits
+    drop2 = fwd(ids, params=lp, lora_dropout_key=jax.random.key(2)).logits
+    np.testing.assert_array_equal(drop1, drop1_again)
+    assert not np.allclose(plain, drop1) and not np.allclose(drop1, drop2)
