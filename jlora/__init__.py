@@ -9,7 +9,7 @@ Example:
 from .config import LoraConfig
 from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, TargetMismatchError,
                      UnsupportedAdapterError)
-from .layout import HfLayout
+from .layout import HfLayout, Layout, Rule
 from .load import load, place
 from .init import init
 from .merge import merge
@@ -19,7 +19,7 @@ from .tree import AdaptedModule, ModuleSpec
 from .wrap import wrap
 
 __all__ = [
-    "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "LoraConfig", "ModuleSpec",
+    "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
     "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "combine", "count_trainable", "init", "load",
     "merge", "optimizer", "place", "save", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,11 +22,11 @@ import numpy as np
 
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .layout import get_layout, kernel_to_torch_weight
+from .layout import get_layout
 from .load import place
 from .spec import PREFIX
 from .targeting import is_module_to_save, is_targeted, module_rank, module_scale
-from .tree import iter_modules
+from .tree import as_param_tree, iter_modules
 
 
 def _module_names(params: Mapping) -> dict[str, Mapping]:
@@ -57,8 +57,25 @@ def _factors(key, kind: str, mode, r: int, fan_in: int, a_shape: tuple, b_shape:
     return a, jnp.zeros(b_shape)
 
 
-def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "hf", dtype: Any = None) -> dict:
+def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """DoRA's initial magnitude: ``||W + s * B @ A||`` over the input axes, as a PEFT (out,) vector."""
+    w = np.asarray(weight, np.float32)
+    if placement.stacked:
+        w = np.take(w, placement.layer, axis=placement.layer_axis)
+    w = w.transpose(np.argsort(placement.kernel_perm))
+    if placement.fused:
+        w = np.take(w, placement.part, axis=placement.part_axis)
+    delta = scale * np.tensordot(placement.a_to_canonical(a), placement.b_to_canonical(b), axes=1)
+    norm = np.linalg.norm((w + delta).reshape(int(np.prod(w.shape[:placement.in_ndim])), -1), axis=0)
+    return placement.out_to_torch(norm.reshape(w.shape[placement.in_ndim:])).astype(np.float32)
+
+
+def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "hf", dtype: Any = None,
+         module_names: Sequence[str] | None = None) -> dict:
     """A fresh adapter described by ``config`` on ``params`` (see module docstring).
+
+    ``module_names``: the PyTorch module names to consider for targeting. Default: the tree's own
+    module paths (right for the "hf" layout); custom layouts pass the names of the model they mirror.
 
     Example:
         >>> lp = jlora.init(params, jlora.LoraConfig(r=4, target_modules="all-linear"), key=jax.random.key(0))
@@ -68,50 +85,43 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     if config.init_lora_weights not in (True, False, "gaussian"):
         raise AdapterError(f"init_lora_weights={config.init_lora_weights!r} is not implemented by jlora.init "
                            "(supported: true, false, 'gaussian')")
-    names = _module_names(params)
+    params = as_param_tree(params)
+    tree_names = _module_names(params)
+    names = list(module_names) if module_names is not None else list(tree_names)
     if config.target_modules == "all-linear":
-        config = LoraConfig(**{**config.to_dict(), "target_modules": _all_linear(names)})
-    bound = get_layout(layout).bind(params, list(names))
+        config = LoraConfig(**{**config.to_dict(), "target_modules": _all_linear(tree_names)})
+    bound = get_layout(layout).bind(params, names)
     tensors: dict[str, np.ndarray] = {}
     problems = []
     keys = iter(jax.random.split(key, max(len(names), 1)))
-    for name, module in names.items():
+    for name in names:
         k = next(keys)
+        path = bound._module_path(name)
+        module = bound._module(path) if path is not None else {}
         if is_targeted(config, name):
             kind = "embedding" if "embedding" in module else "linear"
             placement = bound.place(name, kind)
             if placement is None:
-                problems.append(f"{name}: targeted, but its module has no kernel or embedding (PEFT supports "
-                                f"Linear, Conv1D, Embedding and Conv layers); parameters: {sorted(map(str, module))}")
+                problems.append(f"{name}: targeted, but no layout rule places it on a kernel or embedding "
+                                f"(PEFT supports Linear, Conv1D, Embedding and Conv layers)")
                 continue
-            weight = np.asarray(module[placement.kernel_key])
             r = module_rank(config, name)
-            if kind == "embedding":
-                torch_w = weight  # (V, D)
-                a_shape, b_shape, fan_in = (r, weight.shape[0]), (weight.shape[1], r), weight.shape[0]
-                prefix = "lora_embedding_"
-                suffix = ""
-            else:
-                torch_w = kernel_to_torch_weight(np.transpose(weight, np.argsort(placement.kernel_perm)))
-                a_shape = (r, *torch_w.shape[1:])
-                b_shape = (torch_w.shape[0], r, *([1] * (torch_w.ndim - 2)))
-                fan_in = int(np.prod(torch_w.shape[1:]))
-                prefix, suffix = "lora_", ".weight"
-            a, b = _factors(k, kind, config.init_lora_weights, r, fan_in, a_shape, b_shape)
-            tensors[f"{PREFIX}{name}.{prefix}A{suffix}"] = np.asarray(a, np.float32)
-            tensors[f"{PREFIX}{name}.{prefix}B{suffix}"] = np.asarray(b, np.float32)
+            out_total = int(np.prod(placement.out_sizes))
+            a_shape, b_shape = (r, *placement.a_tail), (out_total, r, *placement.b_tail)
+            a, b = _factors(k, kind, config.init_lora_weights, r, int(np.prod(placement.a_tail)), a_shape, b_shape)
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            prefix, suffix = ("lora_embedding_", "") if kind == "embedding" else ("lora_", ".weight")
+            tensors[f"{PREFIX}{name}.{prefix}A{suffix}"] = a
+            tensors[f"{PREFIX}{name}.{prefix}B{suffix}"] = b
             if config.use_dora:
-                w = torch_w.astype(np.float32)
-                if kind == "embedding":
-                    w = w.T  # PEFT: norm of W.T + s * B @ A over the vocabulary
-                delta = module_scale(config, name) * (np.asarray(b).reshape(b_shape[0], r) @ np.asarray(a).reshape(r, -1))
-                adapted = w.reshape(w.shape[0], -1) + delta
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.linalg.norm(adapted, axis=1).astype(np.float32)
+                weight = bound._module(placement.path)[placement.kernel_key]
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude(
+                    placement, weight, a, b, module_scale(config, name))
             if config.lora_bias:
                 if "bias" not in module:
                     problems.append(f"{name}: lora_bias=True needs a bias, the module has none")
                 else:
-                    tensors[f"{PREFIX}{name}.lora_B.bias"] = np.zeros(b_shape[0], np.float32)
+                    tensors[f"{PREFIX}{name}.lora_B.bias"] = np.zeros(out_total, np.float32)
         trained_bias = config.bias == "all" or (config.bias == "lora_only" and is_targeted(config, name))
         if trained_bias and "bias" in module:
             stored = "base_layer.bias" if is_targeted(config, name) else "bias"
@@ -125,15 +135,15 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     if tti is not None:
         wanted = tti if isinstance(tti, dict) else {"embed_tokens": tti}
         for target, indices in wanted.items():
-            found = [n for n, m in names.items() if (n == target or n.endswith("." + target)) and "embedding" in m]
+            found = [n for n, m in tree_names.items() if (n == target or n.endswith("." + target)) and "embedding" in m]
             if not found:
                 problems.append(f"trainable_token_indices: no embedding module named {target!r}")
             for n in found:
-                table = np.asarray(names[n]["embedding"])
+                table = np.asarray(tree_names[n]["embedding"])
                 tensors[f"{PREFIX}{n}.token_adapter.trainable_tokens_delta"] = table[list(indices)]
     if problems:
         raise AdapterError("cannot initialise this adapter on this tree", problems)
     if not tensors:
-        raise AdapterError(f"target_modules {config.target_modules!r} matched no module of the tree; module "
-                           f"names look like {list(names)[:5]}")
+        raise AdapterError(f"target_modules {config.target_modules!r} matched no module; module names "
+                           f"look like {names[:5]}")
     return place(params, config, tensors, layout=layout, dtype=dtype, source="jlora.init")

@@ -1,22 +1,30 @@
 """Place resolved targets and their tensors onto a parameter tree (pure: nothing is mutated).
 
+Targets that land on the same kernel (the layers of a stacked kernel, the parts of a fused one)
+become one :class:`AdaptedModule` whose factors hold them all: per-part blocks of rank columns,
+zero-padded to the largest rank, zeros for layers the adapter does not touch, and a per-column
+``lora_scale`` (zero on padding, so padding never trains).
+
 Example:
-    >>> lora_params = inject(params, config, tensors, targets)
+    >>> lora_params = inject(params, config, tensors, targets, layout)
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
-from .layout import HfLayout, torch_to_flax_factors
+from .errors import UnsupportedAdapterError
+from .layout import Layout
 from .spec import Target, is_trainable_param
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, TOKEN_DELTA, AdaptedModule, ModuleSpec, get_path, set_paths
+from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, FactorSource,
+                   ModuleSpec, get_path, set_paths)
 
-# PEFT role -> (jlora child key, PEFT key suffix)
-_LORA_CHILDREN = {
+# PEFT role -> (jlora child key, PEFT key suffix), per kind
+_SUFFIXES = {
     "linear": {"lora_A": (LORA_A, "lora_A.weight"), "lora_B": (LORA_B, "lora_B.weight"),
                "magnitude": (MAGNITUDE, "lora_magnitude_vector"), "lora_bias": (LORA_BIAS, "lora_B.bias")},
     "embedding": {"lora_A": (LORA_A, "lora_embedding_A"), "lora_B": (LORA_B, "lora_embedding_B"),
@@ -24,57 +32,128 @@ _LORA_CHILDREN = {
 }
 
 
+def _factors(targets: list[Target], tensors, kernel_shape: tuple, dtype) -> tuple[dict, list[FactorSource]]:
+    """Stored factors (and DoRA/bias vectors) for all targets of one kernel."""
+    first = targets[0].placement
+    kind = first.kind
+    a_list = [first.a_to_canonical(np.asarray(tensors[t.tensors.roles["lora_A"]])) for t in targets]
+    b_list = [first.b_to_canonical(np.asarray(tensors[t.tensors.roles["lora_B"]])) for t in targets]
+    simple = len(targets) == 1 and not first.stacked and not first.fused
+    if simple:
+        t = targets[0]
+        children = {LORA_A: a_list[0], LORA_B: b_list[0]}
+        for role, child in (("magnitude", MAGNITUDE), ("lora_bias", LORA_BIAS)):
+            if role in t.tensors.roles:
+                children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
+        keys = tuple(sorted(_SUFFIXES[kind][r] for r in t.tensors.roles if r in _SUFFIXES[kind]))
+        source = FactorSource(t.name, a_list[0].shape[-1], 0, t.placement, keys)
+        return {k: v.astype(dtype) for k, v in children.items()}, [source]
+
+    # stacked and/or fused: blocks of rank columns per part, layers along a leading axis for now
+    parts = sorted({t.placement.part or 0 for t in targets})
+    width = {p: max(a.shape[-1] for a, t in zip(a_list, targets) if (t.placement.part or 0) == p) for p in parts}
+    offsets, total = {}, 0
+    for p in parts:
+        offsets[p], total = total, total + width[p]
+    n_layers = kernel_shape[first.layer_axis] if first.stacked else 1
+    in_shape = a_list[0].shape[:-1]
+    no_layer_kernel = tuple(d for i, d in enumerate(kernel_shape) if i != first.layer_axis)
+    canonical = tuple(no_layer_kernel[i] for i in np.argsort(first.kernel_perm))
+    out_shape = canonical[first.in_ndim:]
+    a = np.zeros((n_layers, *in_shape, total), np.float32)
+    b = np.zeros((n_layers, total, *out_shape), np.float32)
+    scale = np.zeros((n_layers, *([1] * len(in_shape)), total), np.float32)
+    dora = any("magnitude" in t.tensors.roles for t in targets)
+    magnitude = np.ones((n_layers, *out_shape), np.float32) if dora else None
+    n_parts = out_shape[first.part_axis - first.in_ndim] if first.fused else 1
+    if dora and len({(t.placement.layer, t.placement.part) for t in targets}) < n_layers * n_parts:
+        raise UnsupportedAdapterError(
+            f"{targets[0].name} and {len(targets) - 1} more: DoRA on a stacked or fused kernel needs the adapter "
+            f"to cover all {n_layers} layer(s) x {n_parts} part(s) of it (untouched parts would need a magnitude "
+            "that must not train)")
+    sources = []
+    for t, a_t, b_t in zip(targets, a_list, b_list):
+        pl = t.placement
+        layer, part, r = pl.layer or 0, pl.part or 0, a_t.shape[-1]
+        cols = slice(offsets[part], offsets[part] + r)
+        a[layer, ..., cols] = a_t
+        scale[layer, ..., cols] = t.scale
+        out_index = [slice(None)] * len(out_shape)
+        if pl.fused:
+            out_index[pl.part_axis - pl.in_ndim] = part
+        b[(layer, cols, *out_index)] = b_t
+        if "magnitude" in t.tensors.roles:
+            magnitude[(layer, *out_index)] = pl.out_to_canonical(np.asarray(tensors[t.tensors.roles["magnitude"]]))
+        keys = tuple(sorted(_SUFFIXES[kind][r_] for r_ in t.tensors.roles if r_ in _SUFFIXES[kind]))
+        sources.append(FactorSource(t.name, r, offsets[part], pl, keys))
+    children = {LORA_A: a, LORA_B: b, RANK_SCALE: scale}
+    if dora:
+        children[MAGNITUDE] = magnitude
+    if first.stacked:
+        children = {k: np.moveaxis(v, 0, min(first.layer_axis, v.ndim - 1)) for k, v in children.items()}
+    else:
+        children = {k: v[0] for k, v in children.items()}
+    children = {k: v.astype(dtype) if k != RANK_SCALE else v for k, v in children.items()}
+    return children, sources
+
+
 def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], targets: list[Target],
-           layout: HfLayout, *, dtype=None) -> dict:
+           layout: Layout, *, dtype=None) -> dict:
     """A new tree: ``params`` with each target's module dict replaced by an :class:`AdaptedModule`.
 
     LoRA factors are stored in ``dtype`` (default float32, as PEFT keeps adapters); replacement
     tensors (modules_to_save, biases, trainable-token rows) in the dtype of the leaf they replace.
     """
-    adapter_dtype = jnp.dtype(dtype or jnp.float32)
+    adapter_dtype = np.dtype(jnp.dtype(dtype or jnp.float32))
     config_json = config.to_json()
-    updates = {}
+    by_module: dict[tuple, list[Target]] = defaultdict(list)
     for t in targets:
-        module = get_path(params, t.placement.path)
+        by_module[t.placement.path].append(t)
+    updates = {}
+    for path, group in by_module.items():
+        module = get_path(params, path)
         children = dict(module)
-        trainable, file_keys = [], []
-        kind = t.placement.kind
-        if kind != "none":
-            a, b = torch_to_flax_factors(tensors[t.tensors.roles["lora_A"]], tensors[t.tensors.roles["lora_B"]])
-            converted = {"lora_A": a, "lora_B": b}
-            for role in ("magnitude", "lora_bias"):
-                if role in t.tensors.roles:
-                    converted[role] = tensors[t.tensors.roles[role]]
-            for role, value in converted.items():
-                child, suffix = _LORA_CHILDREN[kind][role]
-                children[child] = jnp.asarray(np.asarray(value, dtype=adapter_dtype))
-                trainable.append(child)
-                file_keys.append((child, suffix))
-        for stored_as, key in t.tensors.params.items():
-            mapping = layout.param_mapping(t.placement.path, stored_as.rpartition(".")[2])
-            base = module[mapping.flax_key]
-            children[mapping.flax_key] = jnp.asarray(mapping.to_flax(np.asarray(tensors[key], dtype=base.dtype)))
-            file_keys.append((mapping.flax_key, stored_as))
-            if is_trainable_param(config, t.name, stored_as):
-                trainable.append(mapping.flax_key)
-        if "token_delta" in t.tensors.roles:
-            table = module["embedding"]
-            children[TOKEN_DELTA] = jnp.asarray(np.asarray(tensors[t.tensors.roles["token_delta"]], dtype=table.dtype))
-            trainable.append(TOKEN_DELTA)
-            file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
+        trainable, file_keys, sources = [], [], []
+        lora = [t for t in group if t.placement.kind != "none"]
+        first = lora[0].placement if lora else group[0].placement
+        if lora:
+            kernel_keys = {t.placement.kernel_key for t in lora}
+            if len(kernel_keys) > 1:
+                raise NotImplementedError(f"{path}: adapters on several kernels of one module: {kernel_keys}")
+            factors, sources = _factors(lora, tensors, tuple(module[first.kernel_key].shape), adapter_dtype)
+            children.update({k: jnp.asarray(v) for k, v in factors.items()})
+            trainable += [k for k in factors if k != RANK_SCALE]
+        for t in group:
+            for stored_as, key in t.tensors.params.items():
+                mapping = layout.param_mapping(path, stored_as.rpartition(".")[2])
+                base = module[mapping.flax_key]
+                value = mapping.to_flax(np.asarray(tensors[key]))
+                children[mapping.flax_key] = jnp.asarray(value.astype(base.dtype, copy=False))
+                file_keys.append((mapping.flax_key, stored_as))
+                if is_trainable_param(config, t.name, stored_as):
+                    trainable.append(mapping.flax_key)
+            if "token_delta" in t.tensors.roles:
+                table = module["embedding"]
+                delta = np.asarray(tensors[t.tensors.roles["token_delta"]])
+                children[TOKEN_DELTA] = jnp.asarray(delta.astype(table.dtype, copy=False))
+                trainable.append(TOKEN_DELTA)
+                file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
+        single = sources[0] if len(sources) == 1 and RANK_SCALE not in children else None
         spec = ModuleSpec(
-            peft_name=t.name,
-            kind=kind,
-            scale=float(t.scale),
-            kernel_key=t.placement.kernel_key,
-            in_ndim=t.placement.in_ndim,
-            kernel_perm=t.placement.kernel_perm,
+            peft_name=group[0].name,
+            kind=first.kind if lora else "none",
+            scale=float(lora[0].scale) if single else 1.0,
+            kernel_key=first.kernel_key,
+            in_ndim=first.in_ndim,
+            kernel_perm=first.kernel_perm,
+            layer_axis=first.layer_axis,
             dora=MAGNITUDE in children,
             dropout=float(config.lora_dropout),
-            token_indices=tuple(int(i) for i in t.token_indices),
+            token_indices=tuple(int(i) for t in group for i in t.token_indices),
             trainable=tuple(sorted(set(trainable))),
             file_keys=tuple(sorted(file_keys)),
+            sources=tuple(sources),
             config_json=config_json,
         )
-        updates[t.placement.path] = AdaptedModule(children, spec)
+        updates[path] = AdaptedModule(children, spec)
     return set_paths(params, updates)

@@ -1,20 +1,29 @@
 """Layouts: where a PEFT (PyTorch) module lands in a Flax parameter tree, and with which axes.
 
-The built-in ``"hf"`` layout is transformers' Flax naming: the PyTorch module name with dots as
-nested keys, ``kernel`` stored (in, out) (GPT-2's ``FlaxConv1D``: (out, in)), ``embedding`` (V, D),
-conv kernels (kh, kw, in, out), and a base-model prefix that head classes have and base classes lack.
+A :class:`Rule` maps PEFT module names (a regex) to a kernel leaf (a path template) and says how
+the leaf's axes relate to the PyTorch weight, einops-style. A :class:`Layout` is an ordered list of
+rules; the first rule whose regex matches and whose leaf exists with the right number of axes wins.
 
-Example:
-    >>> layout = get_layout("hf").bind(params)
-    >>> layout.place("model.layers.0.self_attn.q_proj").path
-    ('model', 'layers', '0', 'self_attn', 'q_proj')
+The built-in ``"hf"`` layout (transformers' Flax naming) is such a list, plus two conveniences:
+the base-model prefix that head classes have and base classes lack, and GPT-2's ``FlaxConv1D``
+kernels, which are stored (out, in).
+
+Example (a MaxText-style scanned model):
+    >>> layout = jlora.Layout([
+    ...     jlora.Rule(r"model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.q_proj",
+    ...                "decoder/layers/attn/query/kernel", "(n h) i -> i layer n h"),
+    ...     jlora.Rule(r"model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.o_proj",
+    ...                "decoder/layers/attn/out/kernel", "o (n h) -> n layer h o"),
+    ... ])
+    >>> lora_params = jlora.load(params, "adapter", layout=layout)
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -22,34 +31,150 @@ import numpy as np
 from .errors import AdapterError
 from .tree import find_key, iter_modules
 
-# GPT-2 family modules that are transformers' Conv1D (kernel stored (out, in) in Flax).
-_GPT2_CONV1D = re.compile(r"(^|.*\.)(attn\.(c_attn|c_proj|q_attn)|mlp\.(c_fc|c_proj))$")
+logger = logging.getLogger("jlora")
+_AXIS_TOKEN = re.compile(r"\(([^()]*)\)|([A-Za-z_][A-Za-z0-9_]*)")
+LAYER, PART = "layer", "part"
+
+
+def _parse_side(side: str) -> list[list[str]]:
+    groups, pos = [], 0
+    side = side.strip()
+    for m in _AXIS_TOKEN.finditer(side):
+        if side[pos:m.start()].strip():
+            raise AdapterError(f"cannot parse axes {side!r}")
+        groups.append(m.group(1).split() if m.group(1) is not None else [m.group(2)])
+        pos = m.end()
+    if side[pos:].strip():
+        raise AdapterError(f"cannot parse axes {side!r}")
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One PEFT module pattern -> one Flax kernel leaf.
+
+    Args:
+        match: regex full-matched against the PEFT module name (without ``base_model.model.``).
+        path: ``/``-separated leaf path; ``{group}`` inserts a named group (dots in the value become
+            path separators; digit segments also match the int keys of NNX trees).
+        axes: ``"<torch weight axes> -> <flax leaf axes>"``. The torch side is the PyTorch weight:
+            (out, in, *kernel) for Linear/Conv, (vocab, dim) for Embedding; parenthesised groups split
+            a torch axis (``"(n h) i"``). On the right, ``layer`` is a stacking axis indexed by the
+            ``layer`` group and ``part`` a fused-kernel axis indexed by ``part=``.
+        sizes: sizes of split axes (``n=4``), checked against the leaf; ``part=`` an int or a group name.
+
+    Example:
+        >>> Rule(r"model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.k_proj", "layers/{layer}/attn/kv/kernel",
+        ...      "(k h) i -> i part k h", part=0)
+    """
+
+    match: str
+    path: str
+    axes: str
+    sizes: tuple = ()
+
+    def __init__(self, match: str, path: str, axes: str, **sizes: Any):
+        object.__setattr__(self, "match", match)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "sizes", tuple(sorted(sizes.items())))
+        try:
+            re.compile(match)
+        except re.error as err:
+            raise AdapterError(f"Rule match {match!r} is not a valid regex: {err}") from None
+        left, _, right = axes.partition("->")
+        if not right:
+            raise AdapterError(f"Rule axes {axes!r} need the form 'torch axes -> flax axes'")
+        lhs, rhs = _parse_side(left), _parse_side(right)
+        flat_left = [a for g in lhs for a in g]
+        flat_right = [a for g in rhs for a in g]
+        if any(len(g) != 1 for g in rhs):
+            raise AdapterError(f"Rule axes {axes!r}: the Flax side cannot group axes")
+        extra = set(flat_right) - set(flat_left) - {LAYER, PART}
+        missing = set(flat_left) - set(flat_right)
+        if extra or missing or len(set(flat_right)) != len(flat_right) or len(lhs) < 2:
+            raise AdapterError(f"Rule axes {axes!r}: the Flax side must use each torch axis once "
+                               f"(extra {sorted(extra)}, missing {sorted(missing)})")
+        if PART in flat_right and "part" not in dict(self.sizes):
+            raise AdapterError(f"Rule axes {axes!r} use 'part': pass part=<index or group name>")
+
+    @property
+    def torch_groups(self) -> list[list[str]]:
+        return _parse_side(self.axes.partition("->")[0])
+
+    @property
+    def flax_axes(self) -> list[str]:
+        return [g[0] for g in _parse_side(self.axes.partition("->")[2])]
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where one PEFT module's tensors go in the Flax tree."""
+    """Where one PEFT module's tensors go, and how its factors map onto the kernel's axes.
+
+    Canonical order is (input axes..., output axes...) in the kernel's own order (``part``, if any,
+    is an output axis); the kernel without its layer axis is ``canonical.transpose(kernel_perm)``.
+    """
 
     path: tuple  # keys from the tree root to the module's parameter dict
-    kind: str  # "linear" (Dense, Conv1D, conv) | "embedding" | "none" (no LoRA kernel)
+    kind: str  # "linear" | "embedding" | "none" (no LoRA factors)
     kernel_key: str = "kernel"
     in_ndim: int = 1
     kernel_perm: tuple[int, ...] = (0, 1)
+    layer_axis: int | None = None  # axis of the kernel that stacks layers
+    layer: int | None = None
+    part_axis: int | None = None  # canonical axis indexing fused parts
+    part: int | None = None
+    in_sizes: tuple[int, ...] = ()  # PEFT's input axes, torch order (elementary)
+    in_order: tuple[int, ...] = (0,)  # canonical input axis k = torch input axis in_order[k]
+    out_sizes: tuple[int, ...] = ()
+    out_order: tuple[int, ...] = (0,)
+    a_tail: tuple[int, ...] = ()  # PEFT's lora_A shape after r
+    b_tail: tuple[int, ...] = ()  # PEFT's lora_B shape after (out, r)
+
+    # ---- PEFT factors <-> canonical factors ---------------------------------------------------
+    def a_to_canonical(self, a: np.ndarray) -> np.ndarray:
+        """PEFT lora_A (r, in...) -> (canonical inputs..., r)."""
+        a = a.reshape(a.shape[0], *self.in_sizes)
+        return a.transpose(*(1 + i for i in self.in_order), 0)
+
+    def b_to_canonical(self, b: np.ndarray) -> np.ndarray:
+        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part)."""
+        b = b.reshape(*self.out_sizes, b.shape[1])
+        return b.transpose(len(self.out_sizes), *self.out_order)
+
+    def out_to_canonical(self, v: np.ndarray) -> np.ndarray:
+        """A PEFT per-output vector (out,) (DoRA magnitude, lora_B bias) -> canonical outputs."""
+        return v.reshape(self.out_sizes).transpose(self.out_order)
+
+    def a_to_torch(self, a) -> np.ndarray:
+        a = np.asarray(a)
+        inverse = np.argsort(self.in_order)
+        return a.transpose(a.ndim - 1, *inverse).reshape(a.shape[-1], *self.a_tail)
+
+    def b_to_torch(self, b) -> np.ndarray:
+        b = np.asarray(b)
+        inverse = np.argsort(self.out_order)
+        return b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
+
+    def out_to_torch(self, v) -> np.ndarray:
+        return np.asarray(v).transpose(np.argsort(self.out_order)).reshape(-1)
+
+    @property
+    def stacked(self) -> bool:
+        return self.layer_axis is not None
+
+    @property
+    def fused(self) -> bool:
+        return self.part_axis is not None
 
 
-def torch_to_flax_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PEFT factors -> jlora's: A (r, in, *k) -> (*k, in, r); B (out, r, 1...) -> (r, out)."""
-    return a.transpose(*range(2, a.ndim), 1, 0), b.reshape(b.shape[0], b.shape[1]).T
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+    """How one PyTorch parameter of a module maps onto a Flax leaf."""
 
-
-def flax_to_torch_factors(a, b, kernel_ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`torch_to_flax_factors` for a kernel with ``kernel_ndim`` axes."""
-    a = np.asarray(a)
-    a_t = a.transpose(a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
-    b_t = np.asarray(b).T
-    if a.ndim > 2:  # conv: B is (out, r, 1, ...)
-        b_t = b_t.reshape(*b_t.shape, *([1] * (kernel_ndim - 2)))
-    return a_t, b_t
+    flax_key: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
 
 
 def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:
@@ -66,51 +191,42 @@ def _identity(x):
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamMapping:
-    """How one PyTorch parameter of a module maps onto a Flax leaf."""
-
-    flax_key: str
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
+def _group_value(value: str | None) -> list[str]:
+    return [] if value is None else value.split(".")
 
 
-class HfLayout:
-    """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first."""
+class Layout:
+    """An ordered list of :class:`Rule`; pass it as ``jlora.load(..., layout=...)``.
 
-    name = "hf"
+    Example:
+        >>> layout = jlora.Layout([jlora.Rule(r"(?P<m>.+)", "{m}/kernel", "o i -> i o")], name="plain")
+    """
 
-    def __init__(self, params: Mapping | None = None, prefix_mode: tuple = ("exact",)):
+    def __init__(self, rules: Sequence[Rule], *, name: str | None = None, params: Mapping | None = None):
+        self.rules = tuple(rules)
+        self.name = name or "custom"
         self.params = params
-        self.prefix_mode = prefix_mode
-        self.gpt2_style = params is not None and any(
-            p[-2:] == ("attn", "c_attn") for p, _ in iter_modules(params))
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise AdapterError(f"Layout rules must be jlora.Rule objects, found {type(r).__name__}")
 
-    # ---- binding to a tree ----------------------------------------------------------------
-    def bind(self, params: Mapping, names: list[str] = ()) -> "HfLayout":
-        """This layout for ``params``, with the base-prefix convention that fits ``names`` best."""
-        if not isinstance(params, Mapping):
-            raise AdapterError(f"params must be a nested dict of arrays, found {type(params).__name__}")
-        modes = [("exact",), ("strip",)] + [("add", k) for k in params if isinstance(k, str)]
-        best, best_hits = ("exact",), -1
-        for mode in modes:
-            cand = HfLayout(params, mode)
-            hits = sum(cand._find(n) is not None for n in names)
-            if hits > best_hits:
-                best, best_hits = mode, hits
-        return HfLayout(params, best)
+    # ---- binding ----------------------------------------------------------------------------
+    def bind(self, params: Mapping, names: Sequence[str] = ()) -> "Layout":
+        """This layout for ``params``."""
+        _check_tree(params)
+        return type(self)(self.rules, name=self.name, params=params)
 
-    def _segments(self, name: str) -> list[str]:
-        segs = name.split(".")
-        if self.prefix_mode[0] == "strip":
-            return segs[1:]
-        if self.prefix_mode[0] == "add":
-            return [self.prefix_mode[1]] + segs
-        return segs
+    def module_name(self, name: str) -> str:
+        """The name rules are matched against (hook for the hf layout's prefix handling)."""
+        return name
 
-    def _find(self, name: str) -> tuple | None:
+    def rules_for(self, name: str) -> Sequence[Rule]:
+        return self.rules
+
+    # ---- placements ---------------------------------------------------------------------------
+    def _walk(self, segments: Sequence[str]) -> tuple[tuple, Any] | None:
         node, path = self.params, []
-        for seg in self._segments(name):
+        for seg in segments:
             if not isinstance(node, Mapping):
                 return None
             key = find_key(node, seg)
@@ -118,32 +234,43 @@ class HfLayout:
                 return None
             path.append(key)
             node = node[key]
-        return tuple(path) if isinstance(node, Mapping) and path else None
+        return tuple(path), node
 
-    # ---- placements ---------------------------------------------------------------------------
+    def _module_path(self, name: str) -> tuple | None:
+        found = self._walk(self.module_name(name).split("."))
+        return found[0] if found and isinstance(found[1], Mapping) and found[0] else None
+
     def place(self, name: str, lora_kind: str | None = None) -> Placement | None:
-        """The placement of PEFT module ``name`` (None when the tree has no such module).
+        """The placement of PEFT module ``name`` (None when no rule places it).
 
-        ``lora_kind`` is ``"linear"`` or ``"embedding"`` for a module with LoRA factors, else None.
+        ``lora_kind`` is ``"linear"`` or ``"embedding"`` for a module with LoRA factors, else None
+        (only replacement tensors: the module's own dict is used).
         """
-        path = self._find(name)
-        if path is None:
-            return None
-        module = self._module(path)
+        target = self.module_name(name)
+        for rule in self.rules_for(name):
+            m = re.fullmatch(rule.match, target)
+            if m is None:
+                continue
+            segments = []
+            for seg in rule.path.split("/"):
+                for piece in re.split(r"(\{\w+\})", seg):
+                    if piece.startswith("{") and piece.endswith("}"):
+                        segments.extend(_group_value(m.groupdict().get(piece[1:-1])))
+                    elif piece:
+                        segments.append(piece)
+            found = self._walk(segments)
+            if found is None or not hasattr(found[1], "shape"):
+                continue
+            path, leaf = found
+            if lora_kind is None:
+                return Placement(path[:-1], "none", path[-1])
+            placement = _placement_from_rule(rule, m, path, leaf, lora_kind)
+            if placement is not None:
+                return placement
         if lora_kind is None:
-            return Placement(path, "none")
-        if lora_kind == "embedding":
-            if "embedding" not in module:
-                return None
-            return Placement(path, "embedding", "embedding", 1, (0, 1))
-        kernel = module.get("kernel")
-        if kernel is None or kernel.ndim < 2:
-            return None
-        if kernel.ndim == 2:
-            conv1d = self.gpt2_style and _GPT2_CONV1D.match(name)
-            return Placement(path, "linear", "kernel", 1, (1, 0) if conv1d else (0, 1))
-        # conv kernels (*k, in, out): canonical already
-        return Placement(path, "linear", "kernel", kernel.ndim - 1, tuple(range(kernel.ndim)))
+            path = self._module_path(name)
+            return Placement(path, "none") if path is not None else None
+        return None
 
     def _module(self, path: tuple) -> Mapping:
         node = self.params
@@ -173,11 +300,19 @@ class HfLayout:
             return "weight", np.asarray
         return flax_key, np.asarray
 
+    def report_unused(self, names: Sequence[str]) -> list[Rule]:
+        """Rules that match none of ``names``, reported on the ``jlora`` logger (like qwix's
+        ``get_unused_rules``): normal when an adapter targets a subset of what a layout covers."""
+        unused = [r for r in self.rules if not any(re.fullmatch(r.match, self.module_name(n)) for n in names)]
+        if unused:
+            logger.info("layout %r: rules that matched no adapter module: %s", self.name, [r.match for r in unused])
+        return unused
+
     # ---- diagnostics --------------------------------------------------------------------------
     def closest(self, name: str, n: int = 3) -> list[str]:
         """The Flax module paths that look most like PEFT module ``name``."""
         paths = ["/".join(map(str, p)) for p, _ in iter_modules(self.params)]
-        return difflib.get_close_matches("/".join(self._segments(name)), paths, n=n, cutoff=0.4)
+        return difflib.get_close_matches(self.module_name(name).replace(".", "/"), paths, n=n, cutoff=0.4)
 
     def explain_missing(self, name: str) -> str:
         hint = ""
@@ -188,13 +323,115 @@ class HfLayout:
                     "or drop lm_head from the adapter)")
         close = self.closest(name)
         near = f"; closest Flax paths: {close}" if close else ""
-        return f"module {name!r} has no place in the Flax tree{hint}{near}"
+        return f"module {name!r} has no place in the Flax tree (layout {self.name!r}){hint}{near}"
 
 
-def get_layout(layout: Any) -> HfLayout:
-    """The layout object for ``layout`` ("hf" or a layout instance)."""
-    if layout == "hf":
+def _placement_from_rule(rule: Rule, m: re.Match, path: tuple, leaf, kind: str) -> Placement | None:
+    flax = rule.flax_axes
+    if leaf.ndim != len(flax):
+        return None
+    groups = rule.torch_groups
+    if kind == "embedding":
+        if len(groups) != 2:
+            return None
+        in_groups, out_groups = groups[:1], groups[1:2]
+    else:
+        in_groups, out_groups = groups[1:], groups[:1]
+    in_elems = [a for g in in_groups for a in g]
+    out_elems = [a for g in out_groups for a in g]
+    sizes = {a: leaf.shape[i] for i, a in enumerate(flax)}
+    declared = dict(rule.sizes)
+    bad = [f"{a}={v} (leaf has {sizes[a]})" for a, v in declared.items() if a in sizes and a != PART and sizes[a] != v]
+    if bad:
+        raise AdapterError(f"Rule {rule.match!r}: sizes do not match the leaf at {'/'.join(map(str, path))} "
+                           f"{list(leaf.shape)}: {bad}")
+    no_layer = [a for a in flax if a != LAYER]
+    canonical = [a for a in no_layer if a in in_elems] + [a for a in no_layer if a not in in_elems]
+    layer_axis = flax.index(LAYER) if LAYER in flax else None
+    layer = None
+    if layer_axis is not None:
+        value = m.groupdict().get(LAYER)
+        if value is None or not value.isdigit():
+            raise AdapterError(f"Rule {rule.match!r} stacks layers but has no (?P<layer>\\d+) group")
+        layer = int(value)
+        if layer >= leaf.shape[layer_axis]:
+            return None
+    part_axis = part = None
+    if PART in flax:
+        part_axis = canonical.index(PART)
+        spec = declared[PART]
+        part = spec if isinstance(spec, int) else int(m.group(spec))
+    canon_in = [a for a in canonical if a in in_elems]
+    canon_out = [a for a in canonical if a in out_elems]
+    torch_shape_in = [int(np.prod([sizes[a] for a in g])) for g in in_groups]
+    return Placement(
+        path=path[:-1], kind=kind, kernel_key=path[-1], in_ndim=len(canon_in),
+        kernel_perm=tuple(canonical.index(a) for a in no_layer),
+        layer_axis=layer_axis, layer=layer, part_axis=part_axis, part=part,
+        in_sizes=tuple(sizes[a] for a in in_elems), in_order=tuple(in_elems.index(a) for a in canon_in),
+        out_sizes=tuple(sizes[a] for a in out_elems), out_order=tuple(out_elems.index(a) for a in canon_out),
+        a_tail=tuple(torch_shape_in),
+        b_tail=(1,) * (len(in_groups) - 1) if kind != "embedding" else (),
+    )
+
+
+# ---- the built-in "hf" layout ------------------------------------------------------------------
+_GPT2_CONV1D = r"(?P<name>(.*\.)?(attn\.(c_attn|c_proj|q_attn)|mlp\.(c_fc|c_proj)))"
+HF_RULES = (
+    Rule(r"(?P<name>.+)", "{name}/embedding", "v d -> v d"),
+    Rule(r"(?P<name>.+)", "{name}/kernel", "o i -> i o"),
+    Rule(r"(?P<name>.+)", "{name}/kernel", "o i k -> k i o"),
+    Rule(r"(?P<name>.+)", "{name}/kernel", "o i kh kw -> kh kw i o"),
+    Rule(r"(?P<name>.+)", "{name}/kernel", "o i kd kh kw -> kd kh kw i o"),
+)
+GPT2_RULE = Rule(_GPT2_CONV1D, "{name}/kernel", "o i -> o i")
+
+
+def _check_tree(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise AdapterError(f"params must be a nested dict of arrays, found {type(params).__name__}")
+
+
+class HfLayout(Layout):
+    """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first."""
+
+    def __init__(self, rules: Sequence[Rule] = HF_RULES, *, name: str | None = "hf", params: Mapping | None = None,
+                 prefix_mode: tuple = ("exact",)):
+        super().__init__(rules, name=name or "hf", params=params)
+        self.prefix_mode = prefix_mode
+        self.gpt2_style = params is not None and any(
+            p[-2:] == ("attn", "c_attn") for p, _ in iter_modules(params))
+
+    def bind(self, params: Mapping, names: Sequence[str] = ()) -> "HfLayout":
+        """This layout for ``params``, with the base-prefix convention that fits ``names`` best."""
+        _check_tree(params)
+        modes = [("exact",), ("strip",)] + [("add", k) for k in params if isinstance(k, str)]
+        best, best_hits = ("exact",), -1
+        for mode in modes:
+            cand = HfLayout(self.rules, name=self.name, params=params, prefix_mode=mode)
+            hits = sum(cand._module_path(n) is not None for n in names)
+            if hits > best_hits:
+                best, best_hits = mode, hits
+        return HfLayout(self.rules, name=self.name, params=params, prefix_mode=best)
+
+    def module_name(self, name: str) -> str:
+        if self.prefix_mode[0] == "strip":
+            return name.partition(".")[2]
+        if self.prefix_mode[0] == "add":
+            return f"{self.prefix_mode[1]}.{name}"
+        return name
+
+    def rules_for(self, name: str) -> Sequence[Rule]:
+        return (GPT2_RULE,) + self.rules if self.gpt2_style else self.rules
+
+    def report_unused(self, names: Sequence[str]) -> list[Rule]:
+        return []
+
+
+def get_layout(layout: Any) -> Layout:
+    """The layout object for ``layout`` ("hf" or a :class:`Layout`)."""
+    if isinstance(layout, str) and layout == "hf":
         return HfLayout()
-    if hasattr(layout, "bind") and hasattr(layout, "place"):
+    if isinstance(layout, Layout):
         return layout
-    raise AdapterError(f"unknown layout {layout!r}; use 'hf' or a jlora layout object")
+    raise AdapterError(f"unknown layout {layout!r}; use 'hf' or a jlora.Layout")

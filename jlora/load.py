@@ -20,6 +20,7 @@ from .hub import file_exists, resolve_file
 from .inject import inject
 from .layout import get_layout
 from .spec import build_targets, group_keys
+from .tree import as_param_tree
 
 
 def _check_values(tensors: Mapping[str, np.ndarray], source: str, allow_nonfinite: bool) -> None:
@@ -41,9 +42,11 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
     Example:
         >>> lp = jlora.place(params, LoraConfig(r=4, target_modules=["q_proj"]), tensors)
     """
+    params = as_param_tree(params)
     _check_values(tensors, source, allow_nonfinite)
     names = list(group_keys(tensors.keys(), source))
     bound = get_layout(layout).bind(params, names)
+    bound.report_unused(names)
     targets = build_targets(config, tensors, bound, source)
     return inject(params, config, tensors, targets, bound, dtype=dtype)
 
@@ -61,6 +64,9 @@ def load(
     allow_nonfinite: bool = False,
 ) -> dict:
     """Load a PEFT LoRA adapter (local folder or Hub repo id) onto a Flax parameter tree.
+
+    ``params`` may also be an ``nnx.State`` (``nnx.split(model)[1]``): the result is then its pure dict
+    with the adapter, to run through ``nnx.merge`` (see the README).
 
     Returns a new tree in which every module the adapter changes is an ``AdaptedModule`` holding
     the base arrays (shared, not copied) plus ``lora_A``/``lora_B`` (and DoRA, bias, ... tensors).

@@ -9,35 +9,70 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted
 
 
-def canonical_delta(node: AdaptedModule) -> jax.Array:
-    """``scale * A @ B`` in float32, shaped (inputs..., outputs...)."""
-    a = node[LORA_A].astype(jnp.float32)
-    b = node[LORA_B].astype(jnp.float32)
-    return node.spec.scale * jnp.tensordot(a, b, axes=1)
+def scaled_a(children: Mapping[str, jax.Array], spec: ModuleSpec) -> jax.Array:
+    """``lora_A`` in float32 with the scale folded in (per rank column where a ``lora_scale`` exists)."""
+    a = children[LORA_A].astype(jnp.float32)
+    if RANK_SCALE in children:
+        return a * children[RANK_SCALE]
+    return a * spec.scale
+
+
+def part_masked_b(b: jax.Array, spec: ModuleSpec) -> jax.Array:
+    """One layer's ``lora_B`` (r, outputs...) of a fused kernel with everything outside each part's
+    own block of rank rows zeroed, so training never grows cross-part terms (identity if unfused)."""
+    fused = [s for s in spec.sources if s.placement.part_axis is not None]
+    if not fused:
+        return b
+    pl = fused[0].placement
+    out_axis = 1 + pl.part_axis - pl.in_ndim
+    mask = np.zeros((b.shape[0], b.shape[out_axis]), np.float32)
+    for source in fused:
+        mask[source.offset:source.offset + source.rank, source.placement.part] = 1.0
+    shape = [1] * b.ndim
+    shape[0], shape[out_axis] = mask.shape
+    return b * jnp.asarray(mask.reshape(shape), b.dtype)
+
+
+def factor_delta(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` over the rank axis: (inputs..., r) x (r, outputs...) -> (inputs..., outputs...)."""
+    return jnp.tensordot(a, b.astype(jnp.float32), axes=1)
 
 
 def to_canonical(kernel: jax.Array, spec: ModuleSpec) -> jax.Array:
-    return jnp.transpose(kernel, np.argsort(spec.kernel_perm))
+    """The kernel in canonical (inputs..., outputs...) order (a layer axis, if any, first)."""
+    if spec.layer_axis is None:
+        return jnp.transpose(kernel, np.argsort(spec.kernel_perm))
+    moved = jnp.moveaxis(kernel, spec.layer_axis, 0)
+    return jnp.transpose(moved, (0, *(1 + i for i in np.argsort(spec.kernel_perm))))
 
 
 def from_canonical(canonical: jax.Array, spec: ModuleSpec) -> jax.Array:
-    return jnp.transpose(canonical, spec.kernel_perm)
+    if spec.layer_axis is None:
+        return jnp.transpose(canonical, spec.kernel_perm)
+    kernel = jnp.transpose(canonical, (0, *(1 + i for i in spec.kernel_perm)))
+    return jnp.moveaxis(kernel, 0, spec.layer_axis)
 
 
-def dora_factor(weight: jax.Array, delta: jax.Array, magnitude: jax.Array, spec: ModuleSpec) -> jax.Array:
+def dora_factor(weight: jax.Array, delta: jax.Array, magnitude: jax.Array, in_axes: tuple[int, ...]) -> jax.Array:
     """DoRA's ``m / ||W + dW||`` (norm over the input axes; no gradient through the norm, as PEFT)."""
     adapted = weight.astype(jnp.float32) + delta
-    norm = jnp.sqrt(jnp.sum(jnp.square(adapted), axis=tuple(range(spec.in_ndim))))
+    norm = jnp.sqrt(jnp.sum(jnp.square(adapted), axis=in_axes))
     return magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+
+
+def _layer_first(children: dict, spec: ModuleSpec) -> dict:
+    keys = (LORA_A, LORA_B, MAGNITUDE, RANK_SCALE)
+    return {k: jnp.moveaxis(v, min(spec.layer_axis, v.ndim - 1), 0) for k, v in children.items() if k in keys}
 
 
 def with_token_rows(node: AdaptedModule, children: dict) -> dict:
@@ -62,10 +97,17 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
         return children
     kernel = children[spec.kernel_key]
     weight = to_canonical(kernel, spec).astype(jnp.float32)
-    delta = canonical_delta(node)
+    one_layer = lambda a, b: factor_delta(a, part_masked_b(b, spec))  # noqa: E731
+    if spec.layer_axis is None:
+        factors, in_axes = node, tuple(range(spec.in_ndim))
+        delta = one_layer(scaled_a(factors, spec), factors[LORA_B])
+    else:
+        factors, in_axes = _layer_first(dict(node), spec), tuple(range(1, spec.in_ndim + 1))
+        delta = jax.vmap(one_layer)(scaled_a(factors, spec), factors[LORA_B])
     merged = weight + delta
     if spec.dora:
-        merged = dora_factor(weight, delta, node[MAGNITUDE], spec) * merged
+        factor = dora_factor(weight, delta, factors[MAGNITUDE], in_axes)
+        merged = jnp.expand_dims(factor, in_axes) * merged
     children[spec.kernel_key] = from_canonical(merged, spec).astype(kernel.dtype)
     if LORA_BIAS in node:
         bias = children["bias"]

@@ -24,31 +24,49 @@ from safetensors.flax import save_file
 from .checkpoint import WEIGHTS_NAME
 from .config import CONFIG_NAME
 from .errors import AdapterError
-from .layout import HfLayout, flax_to_torch_factors
+from .layout import HfLayout, Layout
 from .spec import PREFIX
-from .tree import LORA_A, LORA_B, adapted_modules
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, AdaptedModule, FactorSource, adapted_modules
 
 
-def to_peft_tensors(lora_params: Any, layout: HfLayout | None = None) -> dict[str, jax.Array]:
+def _source_tensors(node: AdaptedModule, source: FactorSource) -> dict[str, np.ndarray]:
+    """PEFT's tensors (torch layout) for one source of an adapted kernel."""
+    spec, pl = node.spec, source.placement
+    children = {k: np.asarray(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
+    if spec.layer_axis is not None:
+        children = {k: np.take(v, pl.layer, axis=min(spec.layer_axis, v.ndim - 1)) for k, v in children.items()}
+    cols = slice(source.offset, source.offset + source.rank)
+    a, b = children[LORA_A][..., cols], children[LORA_B][cols]
+    out_axis = None if pl.part_axis is None else pl.part_axis - pl.in_ndim
+    if out_axis is not None:
+        b = np.take(b, pl.part, axis=1 + out_axis)
+    values = {LORA_A: pl.a_to_torch(a), LORA_B: pl.b_to_torch(b)}
+    for child in (MAGNITUDE, LORA_BIAS):
+        if child in children:
+            v = children[child] if out_axis is None else np.take(children[child], pl.part, axis=out_axis)
+            values[child] = pl.out_to_torch(v)
+    return {f"{PREFIX}{source.peft_name}.{suffix}": values[child] for child, suffix in source.file_keys}
+
+
+def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str, np.ndarray]:
     """``{PEFT key: array}`` (PyTorch layouts) for every adapter tensor in ``lora_params``.
+
+    Stacked kernels come back as per-layer keys, fused ones as per-part keys, padding dropped.
 
     Example:
         >>> to_peft_tensors(lora_params)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape
         (8, 64)
     """
     layout = layout or HfLayout()
-    out: dict[str, jax.Array] = {}
+    out: dict[str, np.ndarray] = {}
     for _, node in adapted_modules(lora_params):
-        spec = node.spec
-        converted = {}
-        if spec.has_lora:
-            kernel_ndim = len(spec.kernel_perm)
-            converted[LORA_A], converted[LORA_B] = flax_to_torch_factors(node[LORA_A], node[LORA_B], kernel_ndim)
-        for child, suffix in spec.file_keys:
-            value = converted.get(child)
-            if value is None:
-                value = layout.torch_param(child)[1](node[child]) if child in node.base_children() else node[child]
-            out[f"{PREFIX}{spec.peft_name}.{suffix}"] = value
+        for source in node.spec.sources:
+            out.update(_source_tensors(node, source))
+        for child, suffix in node.spec.file_keys:
+            value = node[child]
+            if child in node.base_children():
+                value = layout.torch_param(child)[1](value)
+            out[f"{PREFIX}{node.spec.peft_name}.{suffix}"] = np.asarray(value)
     return out
 
 
@@ -81,7 +99,7 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
     """
     out = Path(out_dir)
     config_json = _config_json(lora_params)
-    tensors = {k: jnp.asarray(np.ascontiguousarray(np.asarray(v))) for k, v in to_peft_tensors(lora_params).items()}
+    tensors = {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in to_peft_tensors(lora_params).items()}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import LoraConfig
 from .errors import CheckpointError, TargetMismatchError
-from .layout import HfLayout, Placement
+from .layout import Layout, Placement
 from .targeting import is_module_to_save, module_rank, module_scale
 
 PREFIX = "base_model.model."
@@ -84,12 +84,6 @@ def group_keys(keys, source: str = "adapter_model.safetensors") -> dict[str, Mod
     return groups
 
 
-def _canonical_shape(shape: tuple, placement: Placement) -> tuple:
-    """The kernel's shape in canonical (inputs..., outputs...) order."""
-    inverse = np.argsort(placement.kernel_perm)
-    return tuple(shape[i] for i in inverse)
-
-
 def _token_indices(config: LoraConfig, name: str) -> tuple[int, ...] | None:
     tti = config.trainable_token_indices
     if tti is None:
@@ -102,7 +96,7 @@ def _token_indices(config: LoraConfig, name: str) -> tuple[int, ...] | None:
     return None
 
 
-def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout: HfLayout,
+def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout: Layout,
                   source: str = "adapter_model.safetensors") -> list[Target]:
     """Resolve every module of the checkpoint against the tree; raise all problems at once."""
     groups = group_keys(tensors.keys(), source)
@@ -141,31 +135,31 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         target = Target(name, placement, group)
 
         if has_lora:
-            kernel = module[placement.kernel_key]
-            canon = _canonical_shape(tuple(kernel.shape), placement)
-            in_shape, out_shape = canon[: placement.in_ndim], canon[placement.in_ndim:]
+            where = "/".join(map(str, placement.path + (placement.kernel_key,)))
+            found_leaf = f"Flax {placement.kernel_key} {list(module[placement.kernel_key].shape)} at {where}"
             a, b = shape(roles["lora_A"]), shape(roles["lora_B"])
             rank = module_rank(config, name)
-            # PEFT shapes: A (r, in, *k), B (out, r, 1...); embeddings A (r, V), B (D, r)
-            a_in = a[1:]
-            expect_in = in_shape[-1:] + in_shape[:-1] if len(in_shape) > 1 else in_shape
-            if a[0] != rank or b[1:2] != (rank,):
+            out_total = int(np.prod(placement.out_sizes))
+            if a[:1] != (rank,) or b[1:2] != (rank,):
                 problems.append(f"{name}: rank {a[0]} (lora_A {list(a)}, lora_B {list(b)}) but the "
                                 f"config gives rank {rank}")
-            if tuple(a_in) != tuple(expect_in):
-                problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the Flax "
-                                f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
-                                f"(expected input size {list(expect_in)})")
-            if b[:1] != out_shape or any(d != 1 for d in b[2:]):
-                problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the Flax "
-                                f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
-                                f"(expected output size {list(out_shape)})")
+            if a[1:] != placement.a_tail:
+                problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the {found_leaf} "
+                                f"(expected input size {list(placement.a_tail)})")
+            if b[:1] != (out_total,) or b[2:] != placement.b_tail:
+                problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the {found_leaf} "
+                                f"(expected output size {out_total})")
             for role in ("magnitude", "lora_bias"):
-                if role in roles and shape(roles[role]) != out_shape:
-                    problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {list(out_shape)}")
+                if role in roles and shape(roles[role]) != (out_total,):
+                    problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {[out_total]}")
             if "lora_bias" in roles and "bias" not in module:
                 problems.append(f"{roles['lora_bias']}: lora_bias needs a bias, but "
                                 f"{'/'.join(map(str, placement.path))} has none")
+            if "lora_bias" in roles and (placement.stacked or placement.fused):
+                problems.append(f"{roles['lora_bias']}: lora_bias on a stacked or fused kernel is not supported")
+            if group.params and (placement.stacked or placement.fused):
+                problems.append(f"{name}: replacement tensors {sorted(group.params)} for a stacked or fused "
+                                "kernel are not supported")
             target.scale = module_scale(config, name)
 
         if "token_delta" in roles:

@@ -22,7 +22,20 @@ LORA_B = "lora_B"
 MAGNITUDE = "lora_magnitude"
 LORA_BIAS = "lora_bias"
 TOKEN_DELTA = "token_delta"
-ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA)
+RANK_SCALE = "lora_scale"
+ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSource:
+    """One PEFT module's LoRA factors inside an adapted kernel: rank columns
+    ``offset:offset+rank`` of the stored factors, at ``placement.layer`` / ``placement.part``."""
+
+    peft_name: str
+    rank: int
+    offset: int
+    placement: Any  # layout.Placement (how PEFT's axes map onto the kernel's)
+    file_keys: tuple[tuple[str, str], ...] = ()  # child key -> PEFT key suffix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +43,10 @@ class ModuleSpec:
     """Static facts about one adapted module (hashable; travels as pytree metadata).
 
     Kernel axes: the LoRA factors are stored so that ``x @ lora_A @ lora_B`` runs over the kernel's
-    *canonical* layout ``(inputs..., outputs...)`` with ``in_ndim`` input axes; the kernel itself is
-    ``canonical.transpose(kernel_perm)``.
+    *canonical* layout ``(inputs..., outputs...)`` with ``in_ndim`` input axes; the kernel (without
+    a layer axis) is ``canonical.transpose(kernel_perm)``. A stacked kernel has its layer axis at
+    ``layer_axis``, and so do the adapter tensors. ``scale`` applies when the module has no
+    ``lora_scale`` child (a per-rank-column scale, used for stacked or fused kernels).
     """
 
     peft_name: str
@@ -40,12 +55,14 @@ class ModuleSpec:
     kernel_key: str = "kernel"
     in_ndim: int = 1
     kernel_perm: tuple[int, ...] = (0, 1)
+    layer_axis: int | None = None
     dora: bool = False
     dropout: float = 0.0
     token_indices: tuple[int, ...] = ()
     trainable: tuple[str, ...] = ()
-    # child key -> PEFT key suffix (after the module name) for every tensor that came from / goes to the file
+    # child key -> PEFT key suffix of replaced tensors (biases, modules_to_save, token rows)
     file_keys: tuple[tuple[str, str], ...] = ()
+    sources: tuple[FactorSource, ...] = ()
     config_json: str = "{}"
 
     @property
@@ -97,6 +114,12 @@ jax.tree_util.register_pytree_with_keys(
     AdaptedModule, _flatten_with_keys, _unflatten,
     flatten_func=lambda n: ([n._children[k] for k in sorted(n._children)], (tuple(sorted(n._children)), n.spec)),
 )
+
+
+def as_param_tree(params: Any) -> Any:
+    """A plain nested dict for ``params``: an ``nnx.State`` becomes its pure dict, others pass through."""
+    to_pure = getattr(params, "to_pure_dict", None)
+    return to_pure() if callable(to_pure) else params
 
 
 def is_adapted(x: Any) -> bool:

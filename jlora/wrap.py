@@ -23,14 +23,15 @@ import jax.numpy as jnp
 
 from .merge import merged_module, plain_module
 from .side_paths import side_path_for
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, AdaptedModule, ModuleSpec, is_adapted
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
 
 SITE_PREFIX = "__jlora_site_"
 
 
 def _side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
-    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
-    entries["scale"] = jnp.asarray(node.spec.scale, dtype=node[LORA_A].dtype)
+    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
+    if node.spec.layer_axis is None:  # stacked entries must all have the layer axis: scale is per column
+        entries["scale"] = jnp.asarray(node.spec.scale, dtype=node[LORA_A].dtype)
     return entries
 
 
@@ -125,7 +126,10 @@ def wrap(fn: Callable) -> Callable:
             with nn.intercept_methods(_interceptor({i: n.spec for i, n in zip(sites, nodes)}, handled)):
                 return fn(*args, **kwargs)
 
-        jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
+        try:
+            jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
+        except Exception:  # noqa: BLE001 - e.g. NNX's merge refuses the hidden entries: no side paths
+            handled.clear()
         probed[treedef] = frozenset(handled)
         return probed[treedef]
 

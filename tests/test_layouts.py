@@ -1,0 +1,223 @@
+"""Layouts beyond transformers naming, against PEFT: a MaxText-style scanned linen decoder
+(DenseGeneral kernels with the layer axis at 1) and an NNX decoder (int layer keys, fused kv kernel),
+both converted from a PyTorch LlamaForCausalLM on which PEFT made the adapter."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+import jlora
+from jlora import Layout, Rule
+from llama_variants import ScannedLlama, make_nnx_llama, nnx_logits, nnx_pure_params_from_torch, \
+    scanned_params_from_torch
+from peft_twin import perturb_trainable, rel_err
+
+LAYER = r"model\.layers\.(?P<layer>\d+)"
+SCANNED = Layout([
+    Rule(r"model\.embed_tokens", "embed/embedding", "v d -> v d"),
+    Rule(rf"{LAYER}\.self_attn\.q_proj", "decoder/layers/attn/query/kernel", "(n h) i -> i layer n h", n=4),
+    Rule(rf"{LAYER}\.self_attn\.k_proj", "decoder/layers/attn/key/kernel", "(k h) i -> i layer k h"),
+    Rule(rf"{LAYER}\.self_attn\.v_proj", "decoder/layers/attn/value/kernel", "(k h) i -> i layer k h"),
+    Rule(rf"{LAYER}\.self_attn\.o_proj", "decoder/layers/attn/out/kernel", "o (n h) -> n layer h o"),
+    Rule(rf"{LAYER}\.mlp\.gate_proj", "decoder/layers/mlp/wi_0/kernel", "f i -> i layer f"),
+    Rule(rf"{LAYER}\.mlp\.up_proj", "decoder/layers/mlp/wi_1/kernel", "f i -> i layer f"),
+    Rule(rf"{LAYER}\.mlp\.down_proj", "decoder/layers/mlp/wo/kernel", "o f -> f layer o"),
+    Rule(r"lm_head", "lm_head/kernel", "o i -> i o"),
+], name="scanned-llama")
+
+NNX = Layout([
+    Rule(rf"{LAYER}\.self_attn\.q_proj", "layers/{layer}/attn/q/kernel", "o i -> i o"),
+    Rule(rf"{LAYER}\.self_attn\.k_proj", "layers/{layer}/attn/kv/kernel", "(k h) i -> i part k h", part=0),
+    Rule(rf"{LAYER}\.self_attn\.v_proj", "layers/{layer}/attn/kv/kernel", "(k h) i -> i part k h", part=1),
+    Rule(rf"{LAYER}\.self_attn\.o_proj", "layers/{layer}/attn/o/kernel", "o i -> i o"),
+    Rule(rf"{LAYER}\.mlp\.(?P<m>gate|up|down)_proj", "layers/{layer}/mlp/{m}/kernel", "o i -> i o"),
+], name="nnx-llama")
+
+ADAPTERS = {
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "down_proj"],
+                     rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 6},
+                     alpha_pattern={"layers.0.mlp.down_proj": 3, "k_proj": 16}),
+    "untouched_layers": dict(r=4, lora_alpha=8, target_modules=r"model\.layers\.1\.self_attn\.(k|v)_proj|"
+                                                               r"model\.layers\.0\.(self_attn\.q_proj|mlp\.up_proj)"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_dora=True),
+}
+
+
+def torch_llama(tmp_path, lora, seed=0):
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    base = tf.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+    perturb_trainable(pm, seed + 1)
+    pm.save_pretrained(tmp_path / "adapter")
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    return cfg, base, judge
+
+
+def torch_out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids).long()).logits.numpy()
+
+
+IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_scanned_linen_parity(tmp_path, adapter):
+    cfg, base, judge = torch_llama(tmp_path, ADAPTERS[adapter])
+    params = scanned_params_from_torch(base.state_dict(), cfg)
+    model = ScannedLlama(cfg)
+    want = torch_out(judge, IDS)
+    assert rel_err(model.apply({"params": params}, IDS), want) > 1e-3
+
+    lp = jlora.load(params, tmp_path / "adapter", layout=SCANNED)
+    q = lp["decoder"]["layers"]["attn"]["query"]
+    assert q["kernel"] is params["decoder"]["layers"]["attn"]["query"]["kernel"]  # base never re-stacked
+    assert q["lora_A"].shape[:2] == (32, 2) and q["lora_B"].shape[1:] == (2, 4, 8)  # layer axis where the kernel has it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every module runs the side path, nothing is merged in the call
+        wrapped = jax.jit(jlora.wrap(model.apply))({"params": lp}, IDS)
+    assert rel_err(wrapped, want) <= 1e-4
+    assert rel_err(model.apply({"params": jlora.merge(lp)}, IDS), torch_out(judge.merge_and_unload(), IDS)) <= 1e-4
+
+    saved = jlora.to_peft_tensors(lp)  # the stacked adapter inverts to PEFT's per-layer keys
+    original = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert set(saved) == set(original)
+    for key, value in original.items():
+        np.testing.assert_allclose(saved[key], value.numpy(), rtol=0, atol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("adapter", ["patterns", "dora"])
+def test_nnx_fused_kv_parity(tmp_path, adapter):
+    cfg, base, judge = torch_llama(tmp_path, ADAPTERS[adapter])
+    graphdef, state = make_nnx_llama(cfg, abstract=True)
+    pure = nnx_pure_params_from_torch(base.state_dict(), cfg, template=state)
+    want = torch_out(judge, IDS)
+
+    lp = jlora.load(pure, tmp_path / "adapter", layout=NNX)
+    kv = lp["layers"][1]["attn"]["kv"]
+    assert kv["lora_A"].shape[-1] == 2 * kv["lora_B"].shape[0] // 2 and kv["lora_B"].shape[1:] == (2, 2, 8)
+    forward = jax.jit(lambda p, ids: nnx_logits(graphdef, p, ids))
+    with pytest.warns(UserWarning, match="no unmerged side path"):  # NNX modules: merged inside the call
+        wrapped = jax.jit(jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids)))(lp, IDS)
+    assert rel_err(wrapped, want) <= 1e-4
+    assert rel_err(forward(jlora.merge(lp), IDS), torch_out(judge.merge_and_unload(), IDS)) <= 1e-4
+    original = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = jlora.to_peft_tensors(lp)
+    assert set(saved) == set(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(saved[key], value.numpy(), err_msg=key)
+
+
+def test_scanned_init_train_save_loads_in_peft(tmp_path):
+    cfg, base, _ = torch_llama(tmp_path, dict(r=2, target_modules=["q_proj"]))
+    params = scanned_params_from_torch(base.state_dict(), cfg)
+    model = ScannedLlama(cfg)
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
+                              rank_pattern={"layers.1.self_attn.o_proj": 2})
+    names = [n for n, _ in base.named_modules()]
+    lp = jlora.init(params, config, key=jax.random.key(0), layout=SCANNED, module_names=names)
+    trainable, frozen = jlora.split(lp)
+    tx = optax.adam(1e-2)
+    state = tx.init(trainable)
+    fwd = jlora.wrap(model.apply)
+
+    def loss(tr, ids):
+        logits = fwd({"params": jlora.combine(tr, frozen)}, ids)[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    for _ in range(5):
+        updates, state = tx.update(jax.grad(loss)(trainable, jnp.asarray(IDS)), state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    lp = jlora.combine(trainable, frozen)
+    o = lp["decoder"]["layers"]["attn"]["out"]
+    # padding (layer 1 of o_proj has rank 2 of 4) stayed exactly zero through training
+    assert not np.any(np.asarray(o["lora_A"])[:, 1, :, 2:]) and not np.any(np.asarray(o["lora_B"])[2:, 1])
+    out = jlora.save(lp, tmp_path / "trained")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    got = jlora.wrap(model.apply)({"params": lp}, IDS)
+    assert rel_err(got, torch_out(pm, IDS)) <= 1e-4
+    assert rel_err(got, model.apply({"params": params}, IDS)) > 1e-4  # training moved it
+
+
+def test_nnx_state_load_train_save(tmp_path):
+    """The NNX workflow: load onto nnx.State, run and train through nnx.merge, save for PEFT."""
+    from flax import nnx
+
+    from llama_variants import NnxLlama
+
+    cfg, base, _ = torch_llama(tmp_path, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = NnxLlama(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state.replace_by_pure_dict(nnx_pure_params_from_torch(base.state_dict(), cfg, template=state))
+    lp = jlora.load(state, tmp_path / "adapter", layout=NNX)  # nnx.State in, pure dict + adapter out
+    trainable, frozen = jlora.split(lp)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(trainable)
+    fwd = jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids))
+
+    @jax.jit
+    def step(trainable, opt_state, ids):
+        def loss(tr):
+            logits = fwd(jlora.combine(tr, frozen), ids)[:, :-1]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        value, grads = jax.value_and_grad(loss)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = []
+        for _ in range(5):
+            trainable, opt_state, value = step(trainable, opt_state, jnp.asarray(IDS))
+            losses.append(float(value))
+    assert losses[-1] < losses[0]
+    trained = jlora.combine(trainable, frozen)
+    merged_state = nnx.State(state)  # run the merged model as a plain NNX module
+    merged_state.replace_by_pure_dict(jlora.merge(trained))
+    merged_model = nnx.merge(graphdef, merged_state)
+    out = jlora.save(trained, tmp_path / "trained")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    assert rel_err(merged_model(jnp.asarray(IDS)), torch_out(pm.merge_and_unload(), IDS)) <= 1e-4
+
+
+def test_dora_must_cover_a_fused_kernel(tmp_path):
+    cfg, base, _ = torch_llama(tmp_path, dict(r=2, target_modules=["v_proj"], use_dora=True))
+    graphdef, state = make_nnx_llama(cfg, abstract=True)
+    pure = nnx_pure_params_from_torch(base.state_dict(), cfg, template=state)
+    with pytest.raises(jlora.UnsupportedAdapterError, match="cover all"):
+        jlora.load(pure, tmp_path / "adapter", layout=NNX)
+
+
+def test_rule_errors():
+    with pytest.raises(jlora.AdapterError, match="form"):
+        Rule("a", "a/kernel", "o i")
+    with pytest.raises(jlora.AdapterError, match="each torch axis once"):
+        Rule("a", "a/kernel", "o i -> i x")
+    with pytest.raises(jlora.AdapterError, match="part="):
+        Rule("a", "a/kernel", "o i -> part i o")
+    with pytest.raises(jlora.AdapterError, match="regex"):
+        Rule("(", "a/kernel", "o i -> i o")
+
+
+def test_unmatched_keys_and_unused_rules(tmp_path, caplog):
+    cfg, base, _ = torch_llama(tmp_path, dict(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    params = scanned_params_from_torch(base.state_dict(), cfg)
+    partial = Layout([SCANNED.rules[1], Rule(r"nothing\.matches", "lm_head/kernel", "o i -> i o")])
+    with caplog.at_level("INFO", logger="jlora"), pytest.raises(jlora.TargetMismatchError) as err:
+        jlora.load(params, tmp_path / "adapter", layout=partial)
+    assert len(err.value.problems) == 2 and "up_proj" in str(err.value)  # both layers' up_proj
+    assert "nothing" in caplog.text
