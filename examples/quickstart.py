@@ -16,11 +16,8 @@ import jax
 import numpy as np
 from transformers import FlaxLlamaForCausalLM
 
-try:
-    import jlora
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import jlora
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jlora, installed or not
+import jlora  # noqa: E402
 from jlora.tree import adapted_modules
 
 ASSETS = Path(__file__).resolve().parent / "assets"

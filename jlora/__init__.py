@@ -13,6 +13,7 @@ from .layout import HfLayout, Layout, Rule
 from .load import load, place
 from .init import init
 from .merge import merge
+from .multi import add_weighted, select
 from .save import save, to_peft_tensors
 from .train import combine, count_trainable, optimizer, split, trainable_mask
 from .tree import AdaptedModule, ModuleSpec
@@ -20,7 +21,7 @@ from .wrap import wrap
 
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
-    "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "combine", "count_trainable", "init", "load",
-    "merge", "optimizer", "place", "save", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "combine", "count_trainable", "init", "load",
+    "merge", "optimizer", "place", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

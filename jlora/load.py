@@ -15,10 +15,11 @@ import numpy as np
 
 from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors
 from .config import CONFIG_NAME, LoraConfig, read_json
-from .errors import CheckpointError, SourceError
+from .errors import AdapterError, CheckpointError, SourceError
 from .hub import file_exists, resolve_file
 from .inject import inject
 from .layout import get_layout
+from .multi import stack_adapters
 from .spec import build_targets, group_keys
 from .tree import as_param_tree
 
@@ -53,7 +54,7 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
 
 def load(
     params: Mapping,
-    source: str | os.PathLike,
+    source: str | os.PathLike | Mapping[str, str | os.PathLike],
     *,
     revision: str | None = None,
     subfolder: str | None = None,
@@ -75,7 +76,16 @@ def load(
     Example:
         >>> lp = jlora.load(model.params, "adapter_dir")
         >>> lp = jlora.load(model.params, "user/repo", revision="v1", subfolder="sft")
+        >>> lp = jlora.load(model.params, {"a": "adapter_a", "b": "user/b"})  # several: see jlora.wrap's adapter_ids
     """
+    if isinstance(source, Mapping):
+        if not source:
+            raise AdapterError("load: the dict of adapter sources is empty")
+        params = as_param_tree(params)
+        singles = {name: load(params, src, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                              layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite)
+                   for name, src in source.items()}
+        return stack_adapters(params, singles)
     hub = dict(revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
     config_path = resolve_file(source, CONFIG_NAME, **hub)
     config = LoraConfig.from_dict(read_json(config_path), source=str(config_path))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import AdapterError
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted
 
 
@@ -92,6 +93,9 @@ def plain_module(node: AdaptedModule) -> dict[str, Any]:
 def merged_module(node: AdaptedModule) -> dict[str, Any]:
     """The module's parameters with everything folded in, as PEFT's ``merge_and_unload``."""
     spec = node.spec
+    if spec.adapters:
+        raise AdapterError(f"{spec.peft_name}: the tree holds several adapters; jlora.select one (or "
+                           "jlora.add_weighted them) before merging")
     children = plain_module(node)
     if not spec.has_lora:
         return children

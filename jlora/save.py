@@ -60,6 +60,8 @@ def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str,
     layout = layout or HfLayout()
     out: dict[str, np.ndarray] = {}
     for _, node in adapted_modules(lora_params):
+        if node.spec.adapters:
+            raise AdapterError("the tree holds several adapters: save each with jlora.select(params, name)")
         for source in node.spec.sources:
             out.update(_source_tensors(node, source))
         for child, suffix in node.spec.file_keys:
@@ -98,8 +100,8 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
         >>> jlora.save(lora_params, "out/my-adapter")
     """
     out = Path(out_dir)
-    config_json = _config_json(lora_params)
     tensors = {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in to_peft_tensors(lora_params).items()}
+    config_json = _config_json(lora_params)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))

@@ -19,10 +19,20 @@ import jax
 import jax.numpy as jnp
 
 from .merge import dora_factor, factor_delta, part_masked_b, scaled_a, to_canonical
+from .errors import AdapterError
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, ModuleSpec
 
-# side(module, args, kwargs, y, entries, spec, drop) -> output; ``drop`` is the LoRA-branch dropout
-SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec, Callable], jax.Array]
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+    """Per-call inputs of a side path: LoRA-branch dropout, and each example's adapter index
+    (multi-adapter trees; -1 = base model only)."""
+
+    drop: Callable[[jax.Array], jax.Array] = lambda x: x
+    adapter_ids: jax.Array | None = None
+
+
+# side(module, args, kwargs, y, entries, spec, ctx) -> output
+SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec, CallContext], jax.Array]
 
 
 def _input(args: tuple, kwargs: dict) -> jax.Array:
@@ -63,26 +73,46 @@ def _b(entries: dict, spec: ModuleSpec) -> jax.Array:
     return part_masked_b(entries[LORA_B], spec)
 
 
-def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], drop: Callable, spec: ModuleSpec) -> jax.Array:
+def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallContext, spec: ModuleSpec) -> jax.Array:
     """``(drop(x) @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x."""
     a = entries[LORA_A]
-    xa = jax.lax.dot_general(drop(x.astype(a.dtype)), a, ((x_axes, tuple(range(len(x_axes)))), ((), ())))
+    x = ctx.drop(x.astype(a.dtype))
+    in_axes = tuple(range(len(x_axes)))
+    if spec.adapters:  # one adapter per example: gather (in, r) and (r, out) slices, never (in, out)
+        idx, scale = _example_adapters(entries, ctx, spec)
+        xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
+        xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
+        return jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
+    xa = jax.lax.dot_general(x, a, ((x_axes, in_axes), ((), ())))
     return jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1)
 
 
-def dense_side(module, args, kwargs, y, entries, spec, drop):
+def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tuple[jax.Array, jax.Array]:
+    """Each example's adapter index (clipped) and its (batch, r) column scales (zero for -1 = base)."""
+    if ctx.adapter_ids is None:
+        raise AdapterError(f"{spec.peft_name}: the tree holds several adapters "
+                           f"({[name for name, *_ in spec.adapters]}); pass adapter_ids=... (one index per example, "
+                           "-1 for the base model) to the wrapped function, or jlora.select one adapter")
+    ids = jnp.asarray(ctx.adapter_ids, jnp.int32)
+    idx = jnp.clip(ids, 0, len(spec.adapters) - 1)
+    scale = entries[RANK_SCALE][idx].reshape(ids.shape[0], -1) * (ids >= 0)[:, None]
+    return idx, scale
+
+
+def dense_side(module, args, kwargs, y, entries, spec, ctx):
     x = _input(args, kwargs)
-    return _finish(module, y, _contract(x, entries, (x.ndim - 1,), drop, spec), entries, spec)
+    return _finish(module, y, _contract(x, entries, (x.ndim - 1,), ctx, spec), entries, spec)
 
 
-def dense_general_side(module, args, kwargs, y, entries, spec, drop):
+def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
     x = _input(args, kwargs)
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
-    return _finish(module, y, _contract(x, entries, axes, drop, spec), entries, spec)
+    return _finish(module, y, _contract(x, entries, axes, ctx, spec), entries, spec)
 
 
-def einsum_side(module, args, kwargs, y, entries, spec, drop):
+def einsum_side(module, args, kwargs, y, entries, spec, ctx):
+    _single_adapter_only(spec, "Einsum")
     x = _input(args, kwargs)
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
     spec_str = (einsum_str or module.einsum_str).replace(" ", "")
@@ -93,23 +123,36 @@ def einsum_side(module, args, kwargs, y, entries, spec, drop):
     r = next(c for c in string.ascii_letters if c not in spec_str)
     x_rest = "".join(c for c in x_sub if c not in ins)
     a = entries[LORA_A]
-    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", drop(x.astype(a.dtype)), a)
+    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", ctx.drop(x.astype(a.dtype)), a)
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
     return _finish(module, y, lora, entries, spec)
 
 
-def embed_side(module, args, kwargs, y, entries, spec, drop):  # PEFT: no dropout on embeddings
+def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings
     ids = _input(args, kwargs)
+    if spec.adapters:
+        idx, scale = _example_adapters(entries, ctx, spec)
+        expand = (slice(None),) + (None,) * (ids.ndim - 1)
+        rows = entries[LORA_A][idx[expand], ids] * scale.reshape(scale.shape[0], *([1] * (ids.ndim - 1)), -1)
+        lora = jax.lax.dot_general(rows, entries[LORA_B][idx], (((rows.ndim - 1,), (1,)), ((0,), (0,))))
+        return _finish(module, y, lora, entries, spec)
     rows = _scale_columns(jnp.take(entries[LORA_A], ids, axis=0), entries)
     return _finish(module, y, jnp.tensordot(rows, _b(entries, spec), axes=1), entries, spec)
 
 
-def conv_side(module, args, kwargs, y, entries, spec, drop):
+def conv_side(module, args, kwargs, y, entries, spec, ctx):
+    _single_adapter_only(spec, "Conv")
     x = _input(args, kwargs)
     a = entries[LORA_A]
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
-    xa = down.apply({"params": {"kernel": a}}, drop(x.astype(a.dtype)))
+    xa = down.apply({"params": {"kernel": a}}, ctx.drop(x.astype(a.dtype)))
     return _finish(module, y, jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1), entries, spec)
+
+
+def _single_adapter_only(spec: ModuleSpec, what: str) -> None:
+    if spec.adapters:
+        raise AdapterError(f"{spec.peft_name}: mixed-adapter batches are not supported on {what} modules; "
+                           "jlora.select one adapter")
 
 
 def side_path_for(module: nn.Module) -> SidePath | None:

@@ -64,6 +64,8 @@ class ModuleSpec:
     file_keys: tuple[tuple[str, str], ...] = ()
     sources: tuple[FactorSource, ...] = ()
     config_json: str = "{}"
+    # multi-adapter modules: (name, that adapter's own spec or None, its rank width) per adapter index
+    adapters: tuple[tuple[str, "ModuleSpec | None", int], ...] = ()
 
     @property
     def has_lora(self) -> bool:

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from .merge import merged_module, plain_module
-from .side_paths import side_path_for
+from .errors import AdapterError
+from .side_paths import CallContext, side_path_for
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
 
 SITE_PREFIX = "__jlora_site_"
@@ -46,7 +47,7 @@ def _site_of(module: nn.Module) -> tuple[int, dict] | None:
     return None
 
 
-def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module):
+def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module) -> Callable:
     """LoRA-branch dropout for one module call (identity without a key or with rate 0)."""
     if key is None or rate == 0.0:
         return lambda x: x
@@ -59,7 +60,8 @@ def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module):
     return drop
 
 
-def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout_key: jax.Array | None = None):
+def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout_key: jax.Array | None = None,
+                 adapter_ids: jax.Array | None = None):
     def intercept(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -71,8 +73,8 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout
         if handled is not None:
             handled.add(index)
         y = next_fun(*args, **kwargs)
-        drop = _dropout(dropout_key, specs[index].dropout, index, context.module)
-        return side(context.module, args, kwargs, y, entries, specs[index], drop)
+        ctx = CallContext(_dropout(dropout_key, specs[index].dropout, index, context.module), adapter_ids)
+        return side(context.module, args, kwargs, y, entries, specs[index], ctx)
 
     return intercept
 
@@ -87,6 +89,10 @@ def wrap(fn: Callable) -> Callable:
     Arguments holding LoRA params may be positional, keyword or nested (``{"params": lp}``); all
     other arguments pass through unchanged. jit-compatible: new adapter values with the same
     shapes reuse the compiled function.
+
+    Several adapters in one tree (``jlora.load(params, {"a": ..., "b": ...})``): pass
+    ``adapter_ids=ids``, an int array (batch,) with each example's adapter index (dict order) or -1
+    for the base model.
 
     Training: pass ``lora_dropout_key=key`` to the wrapped function to apply the adapter's
     ``lora_dropout`` to the LoRA branch input (as PEFT in train mode); without it, no dropout.
@@ -109,7 +115,7 @@ def wrap(fn: Callable) -> Callable:
                     new[i][f"{SITE_PREFIX}{i}"] = _side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
-    def handled_sites(leaves, treedef, sites) -> frozenset[int]:
+    def handled_sites(leaves, treedef, sites, adapter_ids) -> frozenset[int]:
         """Which sites a side path consumes: found once per argument structure by an abstract trace."""
         if treedef in probed:
             return probed[treedef]
@@ -123,31 +129,41 @@ def wrap(fn: Callable) -> Callable:
             for i, node in zip(sites, nodes):
                 full[i] = node
             args, kwargs = rebuild(full, treedef, dict(zip(sites, nodes)), frozenset())
-            with nn.intercept_methods(_interceptor({i: n.spec for i, n in zip(sites, nodes)}, handled)):
+            specs = {i: n.spec for i, n in zip(sites, nodes)}
+            with nn.intercept_methods(_interceptor(specs, handled, None, adapter_ids)):
                 return fn(*args, **kwargs)
 
         try:
             jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
+        except AdapterError:
+            raise
         except Exception:  # noqa: BLE001 - e.g. NNX's merge refuses the hidden entries: no side paths
             handled.clear()
         probed[treedef] = frozenset(handled)
         return probed[treedef]
 
     @functools.wraps(fn)
-    def wrapped(*args, lora_dropout_key: jax.Array | None = None, **kwargs):
+    def wrapped(*args, lora_dropout_key: jax.Array | None = None, adapter_ids: jax.Array | None = None, **kwargs):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapted)
         sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
         if not sites:
             return fn(*args, **kwargs)
+        multi = sorted({name for n in sites.values() for name, *_ in n.spec.adapters})
+        if multi and adapter_ids is None:
+            raise AdapterError(f"the parameters hold several adapters {multi}: pass adapter_ids=... (one index per "
+                               "example into that list, -1 for the base model), or use jlora.select(params, name)")
         lora_sites = {i for i, n in sites.items() if n.spec.has_lora}
-        fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites)) if lora_sites else frozenset()
+        fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites, adapter_ids)) if lora_sites else frozenset()
         names = sorted(sites[i].spec.peft_name for i in fallback)
+        if multi and names:
+            raise AdapterError(f"mixed-adapter batches need a side path for every adapted module; {names} have none")
         if names and tuple(names) not in warned:
             warned.add(tuple(names))
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call", stacklevel=2)
         new_args, new_kwargs = rebuild(leaves, treedef, sites, fallback)
-        with nn.intercept_methods(_interceptor({i: n.spec for i, n in sites.items()}, None, lora_dropout_key)):
+        specs = {i: n.spec for i, n in sites.items()}
+        with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids)):
             return fn(*new_args, **new_kwargs)
 
     return wrapped

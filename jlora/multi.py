@@ -1,0 +1,229 @@
+"""Several adapters on one tree: mixed batches, picking one out, and weighted combinations.
+
+``jlora.load(params, {"a": src_a, "b": src_b})`` stacks the adapters of every module along a
+leading adapter axis (ranks zero-padded to the largest; a module an adapter does not target holds
+zeros for it), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
+in one jitted call, gathering only (in, r) and (r, out) slices per example.
+
+Example:
+    >>> lp = jlora.load(params, {"math": "user/math-lora", "code": "user/code-lora"})
+    >>> logits = jax.jit(jlora.wrap(model.__call__))(ids, params=lp, adapter_ids=jnp.array([0, 1, -1]))
+    >>> code_only = jlora.select(lp, "code")
+    >>> blend = jlora.add_weighted(lp, {"math": 0.7, "code": 0.3}, method="cat")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LoraConfig
+from .errors import AdapterError
+from .targeting import module_scale
+from .tree import LORA_A, LORA_B, RANK_SCALE, AdaptedModule, ModuleSpec, adapted_modules, get_path, set_paths
+
+_MULTI_UNSUPPORTED = ("dora", "lora_bias", "replacement tensors (biases, modules_to_save, trainable tokens)",
+                      "stacked layers")
+
+
+def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
+    """Whether the node changes a base tensor (PEFT also saves untouched embedding tables: those are fine)."""
+    return any(child in node.spec.trainable or not np.array_equal(np.asarray(node[child]), np.asarray(base[child]))
+               for child, _ in node.spec.file_keys)
+
+
+def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
+    spec = node.spec
+    problems = [what for what, bad in zip(_MULTI_UNSUPPORTED, (
+        spec.dora, "lora_bias" in node, _replaces_base(node, base) or not spec.has_lora,
+        spec.layer_axis is not None)) if bad]
+    if problems:
+        raise AdapterError(f"adapter {name!r}, module {spec.peft_name}: several adapters in one tree do not support "
+                           f"{', '.join(problems)}; load this adapter on its own")
+
+
+def _column_scales(node: AdaptedModule) -> jax.Array:
+    a = node[LORA_A]
+    if RANK_SCALE in node:
+        return node[RANK_SCALE]
+    return jnp.full((1,) * (a.ndim - 1) + (a.shape[-1],), node.spec.scale, jnp.float32)
+
+
+def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
+    """One tree holding every single-adapter tree of ``singles`` (name -> tree), in dict order."""
+    names = list(singles)
+    nodes: dict[tuple, dict[str, AdaptedModule]] = {}
+    for name, tree in singles.items():
+        for path, node in adapted_modules(tree):
+            key_path = tuple(k.key for k in path)
+            _check_single(node, name, get_path(params, key_path))
+            nodes.setdefault(key_path, {})[name] = node
+    updates = {}
+    for path, by_name in nodes.items():
+        some = next(iter(by_name.values()))
+        width = max(n[LORA_A].shape[-1] for n in by_name.values())
+        a_shape, b_shape = some[LORA_A].shape[:-1], some[LORA_B].shape[1:]
+        a = np.zeros((len(names), *a_shape, width), np.float32)
+        b = np.zeros((len(names), width, *b_shape), np.float32)
+        scale = np.zeros((len(names),) + (1,) * len(a_shape) + (width,), np.float32)
+        entries = []
+        for i, name in enumerate(names):
+            node = by_name.get(name)
+            if node is None:
+                entries.append((name, None, 0))
+                continue
+            r = node[LORA_A].shape[-1]
+            a[i, ..., :r], b[i, :r] = np.asarray(node[LORA_A]), np.asarray(node[LORA_B])
+            scale[i, ..., :r] = np.asarray(_column_scales(node))
+            entries.append((name, node.spec, r))
+        dtype = some[LORA_A].dtype
+        children = {**get_path(params, path), LORA_A: jnp.asarray(a, dtype), LORA_B: jnp.asarray(b, dtype),
+                    RANK_SCALE: jnp.asarray(scale)}
+        spec = dataclasses.replace(some.spec, scale=1.0, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
+                                   adapters=tuple(entries))
+        updates[path] = AdaptedModule(children, spec)
+    return set_paths(params, updates)
+
+
+def _index(spec: ModuleSpec, name: str) -> int:
+    names = [n for n, *_ in spec.adapters]
+    if name not in names:
+        raise AdapterError(f"no adapter named {name!r}; the tree holds {names}")
+    return names.index(name)
+
+
+def select(lora_params: Any, name: str) -> Any:
+    """The single-adapter view of adapter ``name`` (for merge, save or training it alone).
+
+    Example:
+        >>> jlora.save(jlora.select(lp, "code"), "code-adapter")
+    """
+    def one(node: AdaptedModule):
+        if not node.spec.adapters:
+            return node
+        i = _index(node.spec, name)
+        _, spec, width = node.spec.adapters[i]
+        if spec is None:
+            return node.base_children()
+        children = {**node.base_children(), LORA_A: node[LORA_A][i][..., :width], LORA_B: node[LORA_B][i][:width]}
+        if len(spec.sources) != 1 or spec.layer_axis is not None or spec.sources[0].placement.part_axis is not None:
+            children[RANK_SCALE] = node[RANK_SCALE][i][..., :width]
+        return AdaptedModule(children, spec)
+
+    if not any(n.spec.adapters for _, n in adapted_modules(lora_params)):
+        raise AdapterError("select: the tree holds a single adapter (load a dict of sources for several)")
+    return jax.tree_util.tree_map(lambda x: one(x) if isinstance(x, AdaptedModule) else x, lora_params,
+                                  is_leaf=lambda x: isinstance(x, AdaptedModule))
+
+
+def _max_rank(config: LoraConfig) -> int:
+    return max([config.r, *config.rank_pattern.values()])
+
+
+def _combined_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
+    """PEFT's config for add_weighted_adapter: the first adapter's, with r = lora_alpha = rank."""
+    targets = [c.target_modules for c in configs]
+    if all(isinstance(t, str) for t in targets):
+        merged = "|".join(f"({t})" for t in targets)
+    elif all(isinstance(t, list) for t in targets):
+        merged = sorted({m for t in targets for m in t})
+    else:
+        raise AdapterError("add_weighted: adapters mix list and regex target_modules (PEFT refuses this too)")
+    return LoraConfig(**{**configs[0].to_dict(), "r": rank, "lora_alpha": rank, "target_modules": merged,
+                         "rank_pattern": {}, "alpha_pattern": {}})
+
+
+def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "cat",
+                 rank: int | None = None) -> Any:
+    """One adapter combining several, as PEFT's ``add_weighted_adapter``.
+
+    ``method``: ``"cat"`` (exact: factors scaled by weight * scale and concatenated, rank = sum of ranks),
+    ``"linear"`` (factors averaged with sqrt(|weight * scale|); equal ranks needed) or ``"svd"``
+    (the weighted sum of deltas re-factored by SVD to ``rank``, default the largest rank).
+
+    Example:
+        >>> blend = jlora.add_weighted(lp, {"a": 0.7, "b": 0.3}, method="svd", rank=8)
+    """
+    if method not in ("cat", "linear", "svd"):
+        raise AdapterError(f"add_weighted: method must be 'cat', 'linear' or 'svd', found {method!r}")
+    multi = [n for _, n in adapted_modules(lora_params) if n.spec.adapters]
+    if not multi:
+        raise AdapterError("add_weighted: the tree holds a single adapter (load a dict of sources)")
+    chosen = list(weights)
+    configs = {}
+    for node in multi:
+        for name, spec, _ in node.spec.adapters:
+            if spec is not None:
+                configs.setdefault(name, LoraConfig.from_dict(json.loads(spec.config_json)))
+    missing = [n for n in chosen if n not in configs]
+    if missing:
+        raise AdapterError(f"add_weighted: unknown adapters {missing}; the tree holds {sorted(configs)}")
+    method = "linear" if len(chosen) == 1 else method
+    ranks = [_max_rank(configs[n]) for n in chosen]
+    if method == "linear" and len(set(ranks)) != 1:
+        raise AdapterError(f"add_weighted: method 'linear' needs equal ranks, found {dict(zip(chosen, ranks))}")
+    new_rank = {"cat": sum(ranks), "linear": ranks[0], "svd": rank or max(ranks)}[method]
+    config = _combined_config([configs[n] for n in chosen], new_rank)
+    config_json = config.to_json()
+
+    def combine(node: AdaptedModule):
+        if not node.spec.adapters:
+            return node
+        parts = []
+        for name in chosen:
+            i = _index(node.spec, name)
+            _, spec, width = node.spec.adapters[i]
+            if spec is not None:
+                a = np.asarray(node[LORA_A][i][..., :width], np.float32)
+                b = np.asarray(node[LORA_B][i][:width], np.float32)
+                s = np.asarray(node[RANK_SCALE][i][..., :width], np.float32)
+                parts.append((weights[name], a, b, s, spec))
+        if not parts:
+            return node.base_children()
+        a_new, b_new = _COMBINE[method](parts, new_rank)
+        spec0 = parts[0][4]
+        source = dataclasses.replace(spec0.sources[0], rank=new_rank, offset=0)
+        spec = dataclasses.replace(spec0, scale=module_scale(config, spec0.peft_name), sources=(source,),
+                                   config_json=config_json)
+        dtype = node[LORA_A].dtype
+        return AdaptedModule({**node.base_children(), LORA_A: jnp.asarray(a_new, dtype),
+                              LORA_B: jnp.asarray(b_new, dtype)}, spec)
+
+    return jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
+                                  is_leaf=lambda x: isinstance(x, AdaptedModule))
+
+
+def _cat(parts, new_rank):
+    a = np.concatenate([p_a * w * s for w, p_a, _, s, _ in parts], axis=-1)
+    b = np.concatenate([p_b for _, _, p_b, _, _ in parts], axis=0)
+    pad = new_rank - a.shape[-1]
+    return (np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), a.dtype)], axis=-1),
+            np.concatenate([b, np.zeros((pad,) + b.shape[1:], b.dtype)], axis=0))
+
+
+def _linear(parts, new_rank):
+    a = sum(math.copysign(math.sqrt(abs(w * s.reshape(-1)[0])), w * s.reshape(-1)[0]) * p_a for w, p_a, _, s, _ in parts)
+    b = sum(math.sqrt(abs(w * s.reshape(-1)[0])) * p_b for w, _, p_b, s, _ in parts)
+    return a, b
+
+
+def _svd(parts, new_rank):
+    delta = sum(w * np.tensordot(p_a * s, p_b, axes=1) for w, p_a, p_b, s, _ in parts)
+    in_shape = parts[0][1].shape[:-1]
+    out_shape = parts[0][2].shape[1:]
+    matrix = delta.reshape(int(np.prod(in_shape)), int(np.prod(out_shape))).T  # PEFT's (out, in)
+    u, sv, vh = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    k = min(new_rank, sv.shape[0])
+    b_t = np.zeros((matrix.shape[0], new_rank))
+    a_t = np.zeros((new_rank, matrix.shape[1]))
+    b_t[:, :k], a_t[:k] = u[:, :k] * sv[:k], vh[:k]
+    return a_t.T.reshape(*in_shape, new_rank), b_t.T.reshape(new_rank, *out_shape)
+
+
+_COMBINE = {"cat": _cat, "linear": _linear, "svd": _svd}

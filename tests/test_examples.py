@@ -1,0 +1,23 @@
+"""The examples run and check themselves (each exits non-zero when its own check fails)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("quickstart.py", []),
+    ("multi_adapter.py", []),
+    ("continue_training.py", ["--steps", "40"]),
+])
+def test_example_runs(script, args, tmp_path):
+    extra = ["--out", str(tmp_path / "out")] if script == "continue_training.py" else []
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args, *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "OK" in done.stdout

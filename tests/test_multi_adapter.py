@@ -1,0 +1,124 @@
+"""Several adapters at once, against PEFT: mixed batches (adapter_names / "__base__") and
+add_weighted_adapter (cat, linear, svd); select gives back each adapter exactly."""
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import jlora
+from peft_twin import perturb_trainable, rel_err
+
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=4, target_modules=["v_proj", "o_proj", "down_proj", "embed_tokens"]),
+    "c": dict(r=2, lora_alpha=16, target_modules=["q_proj", "up_proj"], use_rslora=True,
+              rank_pattern={"layers.1.self_attn.q_proj": 3}),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multi")
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(tmp / "base")
+    flax_model = tf.FlaxLlamaForCausalLM.from_pretrained(tmp / "base", from_pt=True)
+    for i, (name, lora) in enumerate(ADAPTERS.items()):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+        perturb_trainable(pm, 10 + i)
+        pm.save_pretrained(tmp / name)
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "a", adapter_name="a")
+    for name in ("b", "c"):
+        judge.load_adapter(tmp / name, adapter_name=name)
+    return tmp, base, judge.eval(), flax_model
+
+
+IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12], [9, 8, 7, 6, 5, 4, 3], [2, 2, 2, 30, 31, 32, 1]],
+               np.int32)
+
+
+def torch_out(model, **kw):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(IDS).long(), **kw).logits.numpy()
+
+
+def test_mixed_batch_matches_peft(setup):
+    tmp, _, judge, flax_model = setup
+    want = torch_out(judge, adapter_names=["a", "b", "c", "__base__"])
+    lp = jlora.load(flax_model.params, {name: tmp / name for name in ADAPTERS})
+    fwd = jax.jit(jlora.wrap(flax_model.__call__))
+    got = fwd(IDS, params=lp, adapter_ids=jnp.array([0, 1, 2, -1])).logits
+    assert rel_err(got, want) <= 1e-4
+    # each row equals running that adapter alone
+    for row, name in enumerate(ADAPTERS):
+        alone = fwd(IDS, params=jlora.load(flax_model.params, tmp / name)).logits
+        assert rel_err(got[row], alone[row]) <= 1e-5
+    assert rel_err(got[3], flax_model(IDS, params=flax_model.params).logits[3]) <= 1e-6
+    # other assignments reuse the compiled function and stay right
+    again = fwd(IDS, params=lp, adapter_ids=jnp.array([2, -1, 0, 1])).logits
+    assert rel_err(again, torch_out(judge, adapter_names=["c", "__base__", "a", "b"])) <= 1e-4
+
+
+def test_select_is_the_single_adapter(setup):
+    tmp, _, _, flax_model = setup
+    lp = jlora.load(flax_model.params, {name: tmp / name for name in ADAPTERS})
+    for name in ADAPTERS:
+        alone = jlora.load(flax_model.params, tmp / name)
+        picked = jlora.select(lp, name)
+        assert jax.tree_util.tree_structure(picked) == jax.tree_util.tree_structure(alone)
+        for x, y in zip(jax.tree_util.tree_leaves(picked), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_multi_adapter_errors(setup):
+    tmp, _, _, flax_model = setup
+    lp = jlora.load(flax_model.params, {name: tmp / name for name in ADAPTERS})
+    with pytest.raises(jlora.AdapterError, match="adapter_ids"):
+        jlora.wrap(flax_model.__call__)(IDS, params=lp)
+    with pytest.raises(jlora.AdapterError, match="select"):
+        jlora.merge(lp)
+    with pytest.raises(jlora.AdapterError, match="select"):
+        jlora.save(lp, tmp / "nope")
+    with pytest.raises(jlora.AdapterError, match="no adapter named"):
+        jlora.select(lp, "zzz")
+
+
+@pytest.mark.parametrize("method,names,weights", [
+    ("cat", ["a", "b", "c"], [0.7, 0.3, -0.5]),
+    ("linear", ["a", "b"], [0.6, 0.9]),  # linear needs equal ranks: b is reloaded at rank 4 below
+    ("svd", ["a", "b", "c"], [1.0, 0.5, 0.25]),
+])
+def test_add_weighted_matches_peft(setup, tmp_path, method, names, weights):
+    tmp, base, _, flax_model = setup
+    sources = {name: tmp / name for name in names}
+    if method == "linear":
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=2,
+                                                                      target_modules=["v_proj", "q_proj"]))
+        perturb_trainable(pm, 99)
+        pm.save_pretrained(tmp_path / "b4")
+        sources["b"] = tmp_path / "b4"
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), sources[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        judge.load_adapter(sources[name], adapter_name=name)
+    judge.add_weighted_adapter(names, weights, "blend", combination_type=method)
+    judge.set_adapter("blend")
+    want = torch_out(judge.eval())
+
+    lp = jlora.load(flax_model.params, sources)
+    blend = jlora.add_weighted(lp, dict(zip(names, weights)), method=method)
+    got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=blend).logits
+    tol = 1e-4 if method != "svd" else 1e-3  # svd: both sides truncate the same spectrum in float32
+    assert rel_err(got, want) <= tol
+    assert rel_err(got, torch_out(base)) > 1e-2
+    out = jlora.save(blend, tmp_path / "blend")  # and PEFT reads the combination back
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    assert rel_err(got, torch_out(again)) <= 1e-4
