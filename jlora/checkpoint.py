@@ -31,6 +31,9 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
+# floats whose Inf/NaN are "exponent all ones" (float8_e4m3fn has no Inf: checked by a cast)
+_IEEE_FLOATS = tuple(DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E5M2"))
+_NUMPY_FLOATS = tuple(DTYPES[k] for k in ("F64", "F32", "F16"))
 
 
 def _no_duplicates(pairs):
@@ -103,7 +106,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not header:
         return {}
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # plain ndarray views of the mapping
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot memory-map ({err})") from None
     out = {}
@@ -112,3 +115,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         dtype = DTYPES[entry["dtype"]]
         out[key] = mm[start + begin:start + end].view(dtype).reshape(entry["shape"])
     return out
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf in ``x``, read in one pass without a float copy (IEEE bit patterns)."""
+    dtype = np.dtype(x.dtype)
+    if x.size == 0:
+        return True
+    if dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(x).all())
+    info = _ieee(dtype)
+    if info is None:  # float8 variants without Inf etc.: small tensors, compare after a cast
+        return bool(np.isfinite(x.astype(np.float32)).all())
+    uint, abs_mask, inf_bits = info
+    return int(np.bitwise_and(x.view(uint), abs_mask).max()) < inf_bits
+
+
+def _ieee(dtype: np.dtype) -> tuple[type, int, int] | None:
+    """(unsigned view type, mask without the sign bit, bit pattern of +Inf) for IEEE-like floats."""
+    if dtype not in _IEEE_FLOATS:
+        return None
+    info = ml_dtypes.finfo(dtype)
+    bits = dtype.itemsize * 8
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+    exp_bits = bits - 1 - int(info.nmant)
+    return uint, (1 << (bits - 1)) - 1, ((1 << exp_bits) - 1) << int(info.nmant)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import LoraConfig
 from .layout import HfLayout, torch_to_flax_factors
+from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, TOKEN_DELTA, AdaptedModule, ModuleSpec, get_path, set_paths
 
@@ -25,13 +26,15 @@ _LORA_CHILDREN = {
 
 
 def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], targets: list[Target],
-           layout: HfLayout, *, dtype=None) -> dict:
+           layout: HfLayout, *, dtype=None, placer: Placer | None = None) -> dict:
     """A new tree: ``params`` with each target's module dict replaced by an :class:`AdaptedModule`.
 
     LoRA factors are stored in ``dtype`` (default float32, as PEFT keeps adapters); replacement
     tensors (modules_to_save, biases, trainable-token rows) in the dtype of the leaf they replace.
+    ``placer`` decides where each new leaf lives (default: derived from the base leaves' shardings).
     """
     adapter_dtype = jnp.dtype(dtype or jnp.float32)
+    placer = placer or Placer()
     config_json = config.to_json()
     updates = {}
     for t in targets:
@@ -45,21 +48,28 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             for role in ("magnitude", "lora_bias"):
                 if role in t.tensors.roles:
                     converted[role] = tensors[t.tensors.roles[role]]
+            kernel = module[t.placement.kernel_key]
             for role, value in converted.items():
                 child, suffix = _LORA_CHILDREN[kind][role]
-                children[child] = jnp.asarray(np.asarray(value, dtype=adapter_dtype))
+                axes = lora_axes(role, t.placement.in_ndim, t.placement.kernel_perm)
+                children[child] = placer.put(value, adapter_dtype, path=t.placement.path + (child,), base=kernel,
+                                             axes=axes, key=t.tensors.roles[role])
                 trainable.append(child)
                 file_keys.append((child, suffix))
         for stored_as, key in t.tensors.params.items():
             mapping = layout.param_mapping(t.placement.path, stored_as.rpartition(".")[2])
             base = module[mapping.flax_key]
-            children[mapping.flax_key] = jnp.asarray(mapping.to_flax(np.asarray(tensors[key], dtype=base.dtype)))
+            children[mapping.flax_key] = placer.put(mapping.to_flax(tensors[key]), base.dtype, base=base, key=key,
+                                                    path=t.placement.path + (mapping.flax_key,),
+                                                    axes=tuple(range(base.ndim)))
             file_keys.append((mapping.flax_key, stored_as))
             if is_trainable_param(config, t.name, stored_as):
                 trainable.append(mapping.flax_key)
         if "token_delta" in t.tensors.roles:
             table = module["embedding"]
-            children[TOKEN_DELTA] = jnp.asarray(np.asarray(tensors[t.tensors.roles["token_delta"]], dtype=table.dtype))
+            children[TOKEN_DELTA] = placer.put(tensors[t.tensors.roles["token_delta"]], table.dtype, base=table,
+                                               path=t.placement.path + (TOKEN_DELTA,), axes=(None, 1),
+                                               key=t.tensors.roles["token_delta"])
             trainable.append(TOKEN_DELTA)
             file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
         spec = ModuleSpec(
@@ -77,4 +87,5 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             config_json=config_json,
         )
         updates[t.placement.path] = AdaptedModule(children, spec)
+    placer.finish()
     return set_paths(params, updates)
