@@ -1,4 +1,5 @@
-"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included).
+"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included);
+write one tensor at a time.
 
 The header is validated completely (offsets, sizes, dtypes, duplicates) before any tensor is
 touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -116,6 +119,35 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         out[key] = mm[start + begin:start + end].view(dtype).reshape(entry["shape"])
     return out
 
+
+def write_safetensors(path: str | os.PathLike, entries: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                      produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` gives every tensor's shape and dtype
+    (the header is written first), ``produce(key)`` its values, called once per key in ``entries``'
+    order and released before the next, so only one tensor's host copy is alive at a time.
+
+    Example:
+        >>> write_safetensors("a.safetensors", {"w": ((2, 3), np.dtype("float32"))}, lambda k: np.ones((2, 3)))
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in entries.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": SAFETENSORS_NAMES[np.dtype(dtype)], "shape": [int(d) for d in shape],
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, (shape, dtype) in entries.items():
+            value = np.asarray(produce(key), order="C")
+            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                raise CheckpointError(f"{path}: {key} produced {value.dtype}{list(value.shape)}, "
+                                      f"announced {np.dtype(dtype)}{list(shape)}")
+            f.write(value.reshape(-1).view(np.uint8).data)
+            del value
 
 def all_finite(x: np.ndarray) -> bool:
     """No NaN or Inf in ``x``, read in one pass without a float copy (IEEE bit patterns)."""

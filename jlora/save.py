@@ -3,7 +3,8 @@
 Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (PyTorch layouts, PEFT key names)
 that ``peft.PeftModel.from_pretrained`` loads with no missing or unexpected keys. Each file is
 written to a temporary name in ``out_dir`` and renamed into place, so a failure leaves any
-previous adapter there intact.
+previous adapter there intact. Tensors are gathered to the host one leaf at a time (sharded
+trees included); in a multi-process run every process calls ``save`` and process 0 writes.
 
 Example:
     >>> jlora.save(lora_params, "my-adapter")
@@ -13,20 +14,48 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from safetensors.flax import save_file
+from jax.experimental import multihost_utils
 
-from .checkpoint import WEIGHTS_NAME
+from .checkpoint import WEIGHTS_NAME, write_safetensors
 from .config import CONFIG_NAME
 from .errors import AdapterError
 from .layout import HfLayout, flax_to_torch_factors
 from .spec import PREFIX
 from .tree import LORA_A, LORA_B, adapted_modules
+
+
+def _stub(x: Any) -> np.ndarray:
+    """A zero-byte stand-in with ``x``'s shape and dtype (to learn output shapes without data)."""
+    return np.broadcast_to(np.zeros((), np.dtype(x.dtype)), x.shape)
+
+
+def _peft_tensor_makers(lora_params: Any, layout: HfLayout) -> dict[str, Callable[[Callable], Any]]:
+    """``{PEFT key: make(fetch)}``: each tensor in PyTorch layout, built from ``fetch(leaf)`` of its leaf."""
+    out: dict[str, Callable[[Callable], Any]] = {}
+    for _, node in adapted_modules(lora_params):
+        spec = node.spec
+        base = node.base_children()
+        for child, suffix in spec.file_keys:
+            leaf = node[child]
+            if spec.has_lora and child in (LORA_A, LORA_B):
+                other, pos = (node[LORA_B], 0) if child == LORA_A else (node[LORA_A], 1)
+
+                def make(fetch, leaf=leaf, other=other, pos=pos, ndim=len(spec.kernel_perm)):
+                    pair = (fetch(leaf), _stub(other)) if pos == 0 else (_stub(other), fetch(leaf))
+                    return flax_to_torch_factors(*pair, ndim)[pos]
+            else:
+                convert = layout.torch_param(child)[1] if child in base else (lambda x: x)
+
+                def make(fetch, leaf=leaf, convert=convert):
+                    return convert(fetch(leaf))
+            out[f"{PREFIX}{spec.peft_name}.{suffix}"] = make
+    return out
 
 
 def to_peft_tensors(lora_params: Any, layout: HfLayout | None = None) -> dict[str, jax.Array]:
@@ -36,20 +65,15 @@ def to_peft_tensors(lora_params: Any, layout: HfLayout | None = None) -> dict[st
         >>> to_peft_tensors(lora_params)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape
         (8, 64)
     """
-    layout = layout or HfLayout()
-    out: dict[str, jax.Array] = {}
-    for _, node in adapted_modules(lora_params):
-        spec = node.spec
-        converted = {}
-        if spec.has_lora:
-            kernel_ndim = len(spec.kernel_perm)
-            converted[LORA_A], converted[LORA_B] = flax_to_torch_factors(node[LORA_A], node[LORA_B], kernel_ndim)
-        for child, suffix in spec.file_keys:
-            value = converted.get(child)
-            if value is None:
-                value = layout.torch_param(child)[1](node[child]) if child in node.base_children() else node[child]
-            out[f"{PREFIX}{spec.peft_name}.{suffix}"] = value
-    return out
+    makers = _peft_tensor_makers(lora_params, layout or HfLayout())
+    return {key: make(lambda x: x) for key, make in makers.items()}
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """One leaf gathered to this host (from every process when it spans several)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _config_json(lora_params: Any) -> str:
@@ -81,8 +105,17 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
     """
     out = Path(out_dir)
     config_json = _config_json(lora_params)
-    tensors = {k: jnp.asarray(np.ascontiguousarray(np.asarray(v))) for k, v in to_peft_tensors(lora_params).items()}
+    makers = _peft_tensor_makers(lora_params, HfLayout())
+    entries = {}
+    for key in sorted(makers):
+        stub = makers[key](_stub)
+        entries[key] = (tuple(stub.shape), np.dtype(stub.dtype))
+    if jax.process_index() != 0:  # multi-process: every process gathers (collectively), process 0 writes
+        for key in entries:
+            makers[key](_to_host)
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: write_safetensors(
+        tmp, entries, lambda key: makers[key](_to_host), metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
     return out

@@ -1,7 +1,9 @@
 """Placement on one device: host -> device copies, derived shardings, device=/sharding= arguments,
-and the NaN/Inf check.
+the NaN/Inf check, and the one-tensor-at-a-time safetensors writer used by save.
 (Multi-device placement: tests/sharded/multidevice.py, run by test_sharding.py.)"""
 from __future__ import annotations
+
+import tracemalloc
 
 import jax
 import ml_dtypes
@@ -10,10 +12,11 @@ import pytest
 import torch
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
+from safetensors.torch import load_file
 
 import jlora
-from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
-from jlora.checkpoint import all_finite
+from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
+from jlora.checkpoint import all_finite, read_safetensors, write_safetensors
 from jlora.placement import derive, lora_axes, to_device
 from jlora.tree import adapted_modules
 
@@ -131,3 +134,41 @@ def test_nonfinite_bfloat16_file(params, tmp_path):
     lp = jlora.load(params, folder, allow_nonfinite=True, dtype="bfloat16")
     assert lp["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_A"].dtype == BF16
 
+
+def test_write_safetensors_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"b.weight": rng.standard_normal((3, 4)).astype(np.float32),
+               "a.weight": rng.standard_normal((5,)).astype(BF16),
+               "scalar": np.array(2.5, np.float64), "empty": np.zeros((0, 3), np.float16)}
+    entries = {k: (v.shape, v.dtype) for k, v in tensors.items()}
+    produced = []
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, entries, lambda k: produced.append(k) or tensors[k].T.T, metadata={"format": "pt"})
+    assert produced == list(tensors)
+    ours, theirs = read_safetensors(path), load_file(path)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(ours[k], v)
+        np.testing.assert_array_equal(theirs[k].float().numpy(), v.astype(np.float32))
+    with pytest.raises(jlora.CheckpointError, match="announced"):
+        write_safetensors(tmp_path / "y.safetensors", entries, lambda k: tensors[k].astype(np.float32))
+
+
+def test_save_holds_one_tensor_at_a_time(params, tmp_path):
+    """save gathers and converts one leaf at a time: peak host memory ~ one tensor, not the adapter."""
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    tensors = llama_lora_tensors(r=512, modules=modules)
+    config = {"peft_type": "LORA", "r": 512, "lora_alpha": 512, "target_modules": list(modules)}
+    lp = jlora.load(params, write_adapter(tmp_path / "a", config, tensors))
+    largest = max(v.nbytes for v in tensors.values())  # 16 tensors of 32-64 KiB
+    tracemalloc.start()
+    try:
+        jlora.save(lp, tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * largest, (peak, largest)  # numpy allocations (jlora 0.1.0's save: 2.8x)
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(saved) == set(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(saved[k].numpy(), v)
+    assert all(k.startswith(PREFIX) for k in saved)
