@@ -121,7 +121,7 @@ def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
         >>> to_device(mmapped.T, NamedSharding(mesh, P("model", None)), jnp.float32)
     """
     host = host if isinstance(host, np.ndarray) else np.asarray(host)
-    dtype = np.dtype(dtype or host.dtype)
+    dtype = np.dtype(host.dtype if dtype is None else dtype)
     cache: dict[tuple, np.ndarray] = {}
 
     def shard(index):
