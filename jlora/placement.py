@@ -203,12 +203,13 @@ class Placer:
         sharding = self.sharding_for(name, tuple(host.shape), dtype, base, axes)
         if sharding is None:
             return None
-        inspect = None
-        if self.check_finite:
-            def inspect(part):
-                if key not in self.nonfinite and not all_finite(part):
-                    self.nonfinite.append(key or name)
-        return to_device(host, sharding, dtype, inspect)
+        label = key or name
+
+        def check(part: np.ndarray) -> None:
+            if label not in self.nonfinite and not all_finite(part):
+                self.nonfinite.append(label)
+
+        return to_device(host, sharding, dtype, check if self.check_finite else None)
 
     def finish(self) -> None:
         """Raise every problem met so far, all at once."""

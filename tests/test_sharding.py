@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "tests" / "sharded" / "multidevice.py"
 # 8 CPU devices; LLVM at -O0 halves the compile time of the test programs (the SPMD partitioning and
 # hence the HLO the tests inspect are unaffected).
-FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+         "--xla_llvm_disable_expensive_passes=true")
 
 
 def test_sharded_suite_on_eight_host_devices():

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -132,8 +131,8 @@ def test_lora_leaves_have_the_derived_shardings(setup):
             assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (node.spec.peft_name, key, leaf.sharding)
             shard_shape = expected.shard_shape(leaf.shape)  # no device holds more than its share
             assert all(s.data.shape == shard_shape for s in leaf.addressable_shards), (node.spec.peft_name, key)
-    q = _node(setup["lp_sharded"], nodes[-1][0])  # base arrays are shared, not copied or moved
-    assert q["kernel"] is _node(setup["sharded"], nodes[-1][0])["kernel"]
+    path = nodes[-1][0]  # base arrays are shared, not copied or moved
+    assert _node(setup["lp_sharded"], path)["kernel"] is _node(setup["sharded"], path)["kernel"]
 
 
 def test_values_equal_single_device(setup):
