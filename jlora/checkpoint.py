@@ -1,4 +1,5 @@
-"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included).
+"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included);
+write one tensor at a time.
 
 The header is validated completely (offsets, sizes, dtypes, duplicates) before any tensor is
 touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -31,6 +34,9 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
+# floats whose Inf/NaN are "exponent all ones" (float8_e4m3fn has no Inf: checked by a cast)
+_IEEE_FLOATS = tuple(DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E5M2"))
+_NUMPY_FLOATS = tuple(DTYPES[k] for k in ("F64", "F32", "F16"))
 
 
 def _no_duplicates(pairs):
@@ -103,7 +109,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not header:
         return {}
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # plain ndarray views of the mapping
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot memory-map ({err})") from None
     out = {}
@@ -112,3 +118,57 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         dtype = DTYPES[entry["dtype"]]
         out[key] = mm[start + begin:start + end].view(dtype).reshape(entry["shape"])
     return out
+
+
+def write_safetensors(path: str | os.PathLike, entries: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                      produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` gives every tensor's shape and dtype
+    (the header is written first), ``produce(key)`` its values, called once per key in ``entries``'
+    order and released before the next, so only one tensor's host copy is alive at a time.
+
+    Example:
+        >>> write_safetensors("a.safetensors", {"w": ((2, 3), np.dtype("float32"))}, lambda k: np.ones((2, 3)))
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in entries.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": SAFETENSORS_NAMES[np.dtype(dtype)], "shape": [int(d) for d in shape],
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, (shape, dtype) in entries.items():
+            value = np.asarray(produce(key), order="C")
+            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                raise CheckpointError(f"{path}: {key} produced {value.dtype}{list(value.shape)}, "
+                                      f"announced {np.dtype(dtype)}{list(shape)}")
+            f.write(value.reshape(-1).view(np.uint8).data)
+            del value
+
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf in ``x``, read in one pass without a float copy (IEEE bit patterns)."""
+    dtype = np.dtype(x.dtype)
+    if x.size == 0:
+        return True
+    if dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(x).all())
+    info = _ieee(dtype)
+    if info is None:  # float8 variants without Inf etc.: small tensors, compare after a cast
+        return bool(np.isfinite(x.astype(np.float32)).all())
+    uint, abs_mask, inf_bits = info
+    return int(np.bitwise_and(x.view(uint), abs_mask).max()) < inf_bits
+
+
+def _ieee(dtype: np.dtype) -> tuple[type, int, int] | None:
+    """(unsigned view type, mask without the sign bit, bit pattern of +Inf) for IEEE-like floats."""
+    if dtype not in _IEEE_FLOATS:
+        return None
+    info = ml_dtypes.finfo(dtype)
+    bits = dtype.itemsize * 8
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+    exp_bits = bits - 1 - int(info.nmant)
+    return uint, (1 << (bits - 1)) - 1, ((1 << exp_bits) - 1) << int(info.nmant)

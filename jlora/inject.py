@@ -19,6 +19,7 @@ import numpy as np
 from .config import LoraConfig
 from .errors import UnsupportedAdapterError
 from .layout import Layout
+from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
 from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, FactorSource,
                    ModuleSpec, get_path, set_paths)
@@ -32,8 +33,9 @@ _SUFFIXES = {
 }
 
 
-def _factors(targets: list[Target], tensors, kernel_shape: tuple, dtype) -> tuple[dict, list[FactorSource]]:
-    """Stored factors (and DoRA/bias vectors) for all targets of one kernel."""
+def _factors(targets: list[Target], tensors, kernel_shape: tuple) -> tuple[dict, list[FactorSource]]:
+    """Stored factors (and DoRA/bias vectors) for all targets of one kernel, as host arrays (views of
+    the file where possible)."""
     first = targets[0].placement
     kind = first.kind
     a_list = [first.a_to_canonical(np.asarray(tensors[t.tensors.roles["lora_A"]])) for t in targets]
@@ -47,7 +49,7 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple, dtype) -> tupl
                 children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
         keys = tuple(sorted(_SUFFIXES[kind][r] for r in t.tensors.roles if r in _SUFFIXES[kind]))
         source = FactorSource(t.name, a_list[0].shape[-1], 0, t.placement, keys)
-        return {k: v.astype(dtype) for k, v in children.items()}, [source]
+        return children, [source]
 
     # stacked and/or fused: blocks of rank columns per part, layers along a leading axis for now
     parts = sorted({t.placement.part or 0 for t in targets})
@@ -93,18 +95,19 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple, dtype) -> tupl
         children = {k: np.moveaxis(v, 0, min(first.layer_axis, v.ndim - 1)) for k, v in children.items()}
     else:
         children = {k: v[0] for k, v in children.items()}
-    children = {k: v.astype(dtype) if k != RANK_SCALE else v for k, v in children.items()}
     return children, sources
 
 
 def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], targets: list[Target],
-           layout: Layout, *, dtype=None) -> dict:
+           layout: Layout, *, dtype=None, placer: Placer | None = None) -> dict:
     """A new tree: ``params`` with each target's module dict replaced by an :class:`AdaptedModule`.
 
     LoRA factors are stored in ``dtype`` (default float32, as PEFT keeps adapters); replacement
     tensors (modules_to_save, biases, trainable-token rows) in the dtype of the leaf they replace.
+    ``placer`` decides where each new leaf lives (default: derived from the base leaves' shardings).
     """
     adapter_dtype = np.dtype(jnp.dtype(dtype or jnp.float32))
+    placer = placer or Placer()
     config_json = config.to_json()
     by_module: dict[tuple, list[Target]] = defaultdict(list)
     for t in targets:
@@ -120,22 +123,34 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             kernel_keys = {t.placement.kernel_key for t in lora}
             if len(kernel_keys) > 1:
                 raise NotImplementedError(f"{path}: adapters on several kernels of one module: {kernel_keys}")
-            factors, sources = _factors(lora, tensors, tuple(module[first.kernel_key].shape), adapter_dtype)
-            children.update({k: jnp.asarray(v) for k, v in factors.items()})
+            kernel = module[first.kernel_key]
+            combined = len(lora) > 1 or first.stacked or first.fused
+            roles = {v[0]: k for k, v in _SUFFIXES[first.kind].items()}  # child -> PEFT role
+            for t in lora if combined else ():  # built from several tensors: check those before combining
+                for key in (t.tensors.roles[r] for r in roles.values() if r in t.tensors.roles):
+                    placer.check_values(tensors[key], key)
+            factors, sources = _factors(lora, tensors, tuple(kernel.shape))
+            for child, value in factors.items():  # simple modules: checked shard by shard as placed
+                children[child] = placer.put(value, np.float32 if child == RANK_SCALE else adapter_dtype,
+                                             path=path + (child,), base=kernel, checked=combined,
+                                             key="" if combined else lora[0].tensors.roles[roles[child]],
+                                             axes=lora_axes(child, first.in_ndim, first.kernel_perm, first.layer_axis,
+                                                            value.ndim))
             trainable += [k for k in factors if k != RANK_SCALE]
         for t in group:
             for stored_as, key in t.tensors.params.items():
                 mapping = layout.param_mapping(path, stored_as.rpartition(".")[2])
                 base = module[mapping.flax_key]
-                value = mapping.to_flax(np.asarray(tensors[key]))
-                children[mapping.flax_key] = jnp.asarray(value.astype(base.dtype, copy=False))
+                children[mapping.flax_key] = placer.put(mapping.to_flax(tensors[key]), base.dtype, base=base, key=key,
+                                                        path=path + (mapping.flax_key,), axes=tuple(range(base.ndim)))
                 file_keys.append((mapping.flax_key, stored_as))
                 if is_trainable_param(config, t.name, stored_as):
                     trainable.append(mapping.flax_key)
             if "token_delta" in t.tensors.roles:
                 table = module["embedding"]
-                delta = np.asarray(tensors[t.tensors.roles["token_delta"]])
-                children[TOKEN_DELTA] = jnp.asarray(delta.astype(table.dtype, copy=False))
+                children[TOKEN_DELTA] = placer.put(tensors[t.tensors.roles["token_delta"]], table.dtype, base=table,
+                                                   path=path + (TOKEN_DELTA,), axes=(None, 1),
+                                                   key=t.tensors.roles["token_delta"])
                 trainable.append(TOKEN_DELTA)
                 file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
         single = sources[0] if len(sources) == 1 and RANK_SCALE not in children else None
@@ -156,4 +171,5 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             config_json=config_json,
         )
         updates[path] = AdaptedModule(children, spec)
+    placer.finish()
     return set_paths(params, updates)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors
@@ -20,36 +21,35 @@ from .hub import file_exists, resolve_file
 from .inject import inject
 from .layout import get_layout
 from .multi import stack_adapters
+from .placement import Placer, ShardingArg
 from .spec import build_targets, group_keys
 from .tree import as_param_tree
 
 
-def _check_values(tensors: Mapping[str, np.ndarray], source: str, allow_nonfinite: bool) -> None:
+def _check_dtypes(tensors: Mapping[str, np.ndarray], source: str) -> None:
     problems = [f"{k}: dtype {v.dtype} is not a floating-point type" for k, v in tensors.items()
                 if not np.issubdtype(v.dtype, np.floating) and v.dtype.kind != "V" and "float" not in v.dtype.name]
     if problems:
         raise CheckpointError(f"{source}: adapter tensors must be floating point", problems)
-    if not allow_nonfinite:
-        bad = [k for k, v in tensors.items() if not np.isfinite(np.asarray(v, dtype=np.float32)).all()]
-        if bad:
-            raise CheckpointError(f"{source}: tensors with NaN or Inf values (pass allow_nonfinite=True to "
-                                  "load them anyway)", bad)
 
 
 def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], *, layout: Any = "hf",
-          dtype: Any = None, source: str = WEIGHTS_NAME, allow_nonfinite: bool = False) -> dict:
-    """Place an adapter given as a config and ``{peft key: array}`` onto ``params``.
+          dtype: Any = None, source: str = WEIGHTS_NAME, allow_nonfinite: bool = False,
+          device: jax.Device | None = None, sharding: ShardingArg = None) -> dict:
+    """Place an adapter given as a config and ``{peft key: array}`` onto ``params`` (see :func:`load`
+    for ``device`` and ``sharding``). Values are checked for NaN/Inf shard by shard as they are placed.
 
     Example:
         >>> lp = jlora.place(params, LoraConfig(r=4, target_modules=["q_proj"]), tensors)
     """
     params = as_param_tree(params)
-    _check_values(tensors, source, allow_nonfinite)
+    placer = Placer(device=device, sharding=sharding, check_finite=not allow_nonfinite, source=source)
+    _check_dtypes(tensors, source)
     names = list(group_keys(tensors.keys(), source))
     bound = get_layout(layout).bind(params, names)
     bound.report_unused(names)
     targets = build_targets(config, tensors, bound, source)
-    return inject(params, config, tensors, targets, bound, dtype=dtype)
+    return inject(params, config, tensors, targets, bound, dtype=dtype, placer=placer)
 
 
 def load(
@@ -63,6 +63,8 @@ def load(
     layout: Any = "hf",
     dtype: Any = None,
     allow_nonfinite: bool = False,
+    device: jax.Device | None = None,
+    sharding: ShardingArg = None,
 ) -> dict:
     """Load a PEFT LoRA adapter (local folder or Hub repo id) onto a Flax parameter tree.
 
@@ -73,17 +75,26 @@ def load(
     the base arrays (shared, not copied) plus ``lora_A``/``lora_B`` (and DoRA, bias, ... tensors).
     ``params`` is not modified. LoRA factors are float32 unless ``dtype`` is given.
 
+    Placement: each new leaf is read from the memory-mapped file straight into the devices that
+    hold it. By default its sharding follows its base leaf (``lora_A`` the kernel's input axes,
+    ``lora_B`` its output axes, rank replicated, a stacked layer axis as the kernel's; replaced
+    tensors the base leaf's sharding; numpy base leaves: the default device). ``device=`` puts every
+    new leaf on one device; ``sharding=`` is ``"replicated"``, a ``jax.sharding.Sharding`` for every
+    new leaf, or a callable ``(path, leaf: ShapeDtypeStruct with the derived sharding) -> Sharding | None``.
+
     Example:
         >>> lp = jlora.load(model.params, "adapter_dir")
         >>> lp = jlora.load(model.params, "user/repo", revision="v1", subfolder="sft")
         >>> lp = jlora.load(model.params, {"a": "adapter_a", "b": "user/b"})  # several: see jlora.wrap's adapter_ids
+        >>> lp = jlora.load(sharded_params, "adapter_dir", sharding="replicated")
     """
     if isinstance(source, Mapping):
         if not source:
             raise AdapterError("load: the dict of adapter sources is empty")
         params = as_param_tree(params)
         singles = {name: load(params, src, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-                              layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite)
+                              layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, device=device,
+                              sharding=sharding)
                    for name, src in source.items()}
         return stack_adapters(params, singles)
     hub = dict(revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
@@ -99,4 +110,4 @@ def load(
         raise
     tensors = read_safetensors(weights_path)
     return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
-                 allow_nonfinite=allow_nonfinite)
+                 allow_nonfinite=allow_nonfinite, device=device, sharding=sharding)

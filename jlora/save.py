@@ -3,7 +3,8 @@
 Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (PyTorch layouts, PEFT key names)
 that ``peft.PeftModel.from_pretrained`` loads with no missing or unexpected keys. Each file is
 written to a temporary name in ``out_dir`` and renamed into place, so a failure leaves any
-previous adapter there intact.
+previous adapter there intact. Tensors are gathered to the host one module at a time (sharded
+trees included); in a multi-process run every process calls ``save`` and process 0 writes.
 
 Example:
     >>> jlora.save(lora_params, "my-adapter")
@@ -13,15 +14,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from safetensors.flax import save_file
+from jax.experimental import multihost_utils
 
-from .checkpoint import WEIGHTS_NAME
+from .checkpoint import WEIGHTS_NAME, write_safetensors
 from .config import CONFIG_NAME
 from .errors import AdapterError
 from .layout import HfLayout, Layout
@@ -29,10 +30,22 @@ from .spec import PREFIX
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, AdaptedModule, FactorSource, adapted_modules
 
 
-def _source_tensors(node: AdaptedModule, source: FactorSource) -> dict[str, np.ndarray]:
+def _stub(x: Any) -> np.ndarray:
+    """A zero-byte stand-in with ``x``'s shape and dtype (to learn output shapes without data)."""
+    return np.broadcast_to(np.zeros((), np.dtype(x.dtype)), x.shape)
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """One leaf gathered to this host (from every process when it spans several)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) -> dict[str, np.ndarray]:
     """PEFT's tensors (torch layout) for one source of an adapted kernel."""
     spec, pl = node.spec, source.placement
-    children = {k: np.asarray(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
+    children = {k: fetch(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
     if spec.layer_axis is not None:
         children = {k: np.take(v, pl.layer, axis=min(spec.layer_axis, v.ndim - 1)) for k, v in children.items()}
     cols = slice(source.offset, source.offset + source.rank)
@@ -48,6 +61,21 @@ def _source_tensors(node: AdaptedModule, source: FactorSource) -> dict[str, np.n
     return {f"{PREFIX}{source.peft_name}.{suffix}": values[child] for child, suffix in source.file_keys}
 
 
+def _node_tensors(node: AdaptedModule, layout: Layout, fetch: Callable) -> dict[str, np.ndarray]:
+    """Every PEFT tensor of one adapted module, its leaves read through ``fetch``."""
+    if node.spec.adapters:
+        raise AdapterError("the tree holds several adapters: save each with jlora.select(params, name)")
+    out: dict[str, np.ndarray] = {}
+    for source in node.spec.sources:
+        out.update(_source_tensors(node, source, fetch))
+    for child, suffix in node.spec.file_keys:
+        value = fetch(node[child])
+        if child in node.base_children():
+            value = layout.torch_param(child)[1](value)
+        out[f"{PREFIX}{node.spec.peft_name}.{suffix}"] = np.asarray(value)
+    return out
+
+
 def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str, np.ndarray]:
     """``{PEFT key: array}`` (PyTorch layouts) for every adapter tensor in ``lora_params``.
 
@@ -60,15 +88,7 @@ def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str,
     layout = layout or HfLayout()
     out: dict[str, np.ndarray] = {}
     for _, node in adapted_modules(lora_params):
-        if node.spec.adapters:
-            raise AdapterError("the tree holds several adapters: save each with jlora.select(params, name)")
-        for source in node.spec.sources:
-            out.update(_source_tensors(node, source))
-        for child, suffix in node.spec.file_keys:
-            value = node[child]
-            if child in node.base_children():
-                value = layout.torch_param(child)[1](value)
-            out[f"{PREFIX}{node.spec.peft_name}.{suffix}"] = np.asarray(value)
+        out.update(_node_tensors(node, layout, _to_host))
     return out
 
 
@@ -100,9 +120,27 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
         >>> jlora.save(lora_params, "out/my-adapter")
     """
     out = Path(out_dir)
-    tensors = {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in to_peft_tensors(lora_params).items()}
+    layout = HfLayout()
+    nodes = [node for _, node in adapted_modules(lora_params)]
+    owner, entries = {}, {}
+    for i, node in enumerate(nodes):  # shapes first, from zero-byte stand-ins
+        for key, stub in _node_tensors(node, layout, _stub).items():
+            owner[key], entries[key] = i, (tuple(stub.shape), np.dtype(stub.dtype))
     config_json = _config_json(lora_params)
+    current: dict[str, Any] = {"node": None, "tensors": {}}
+
+    def produce(key: str) -> np.ndarray:  # one module's tensors on the host at a time
+        if current["node"] != owner[key]:
+            current["node"], current["tensors"] = owner[key], _node_tensors(nodes[owner[key]], layout, _to_host)
+        return current["tensors"].pop(key)
+
+    keys = sorted(entries, key=lambda k: (owner[k], k))
+    entries = {k: entries[k] for k in keys}
+    if jax.process_index() != 0:  # multi-process: every process gathers (collectively), process 0 writes
+        for key in entries:
+            produce(key)
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, entries, produce, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
     return out

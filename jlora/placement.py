@@ -1,0 +1,239 @@
+"""Where adapter leaves live, and the one step that turns host tensors into jax arrays.
+
+Each new leaf's sharding is derived from the base leaf it belongs to. With the kernel's canonical
+axes ``(inputs..., outputs...)``: ``lora_A`` ``(inputs..., r)`` takes the kernel's input-axis
+sharding with the rank replicated, ``lora_B`` ``(r, outputs...)`` its output-axis sharding, DoRA
+magnitudes and ``lora_bias`` the output axes; replaced tensors (biases, ``modules_to_save``) take
+the base leaf's sharding and trainable-token rows the embedding's feature axis. A base leaf without
+a sharding (a numpy array) puts the leaf on the default device. ``load(..., sharding=...)``
+overrides this: ``"replicated"``, one ``Sharding`` for every new leaf, or a callable
+``fn(path, leaf) -> Sharding | None`` (``leaf`` a ``ShapeDtypeStruct`` carrying the derived
+sharding; ``None`` keeps it); ``load(..., device=d)`` puts every new leaf on ``d``.
+
+Host to device: every addressable device's shard is read straight from the host array (usually a
+transposed view of the memory-mapped file), cast on the host only when the dtype changes (in the
+file's memory order, one pass over that shard) and transposed by the copy into the device buffer.
+No other host copy is made and no process reads more than its devices' shards.
+
+Example:
+    >>> placer = Placer(sharding="replicated")
+    >>> a = placer.put(host_a, jnp.float32, path=("q_proj", "lora_A"), base=kernel, axes=(0, None))
+    >>> placer.finish()   # raises one AdapterError listing every leaf that could not be placed
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from .checkpoint import all_finite
+from .errors import AdapterError, CheckpointError
+
+ShardingArg = Union[None, str, Sharding, Callable[[str, jax.ShapeDtypeStruct], Union[Sharding, None]]]
+# For each axis of a new leaf: the axis of its base leaf whose sharding it takes, or None (replicated).
+Axes = tuple[Union[int, None], ...]
+
+REPLICATED = "replicated"
+
+
+def lora_axes(role: str, in_ndim: int, kernel_perm: tuple[int, ...], layer_axis: int | None = None,
+              ndim: int | None = None) -> Axes:
+    """The kernel axes behind each axis of an adapter leaf (``kernel = canonical.transpose(kernel_perm)``,
+    with a stacked kernel's layer axis at ``layer_axis``, which the adapter leaves share).
+
+    Example:
+        >>> lora_axes("lora_A", 1, (1, 0))   # GPT-2 Conv1D kernel (out, in): A (in, r) follows kernel axis 1
+        (1, None)
+    """
+    kernel_axis = [int(i) for i in np.argsort(kernel_perm)]  # canonical axis -> kernel axis (no layer)
+    if layer_axis is not None:
+        kernel_axis = [k + (k >= layer_axis) for k in kernel_axis]
+    ins, outs = tuple(kernel_axis[:in_ndim]), tuple(kernel_axis[in_ndim:])
+    if role == "lora_A":
+        axes = ins + (None,)
+    elif role == "lora_B":
+        axes = (None,) + outs
+    elif role == "lora_scale":
+        axes = (None,) * (in_ndim + 1)
+    else:
+        axes = outs  # DoRA magnitude, lora_bias
+    if layer_axis is not None:
+        at = min(layer_axis, len(axes))
+        axes = axes[:at] + (layer_axis,) + axes[at:]
+    return axes
+
+
+def default_device() -> jax.Device:
+    """The device a plain ``jnp.asarray`` would use (respects ``jax.default_device``)."""
+    dev = jax.config.jax_default_device
+    if isinstance(dev, jax.Device):
+        return dev
+    return jax.local_devices(backend=dev)[0] if isinstance(dev, str) else jax.local_devices()[0]
+
+
+def derive(base_sharding: Sharding | None, base_ndim: int, axes: Axes) -> Sharding | None:
+    """The sharding of a leaf whose axes follow ``axes`` of a base leaf sharded by ``base_sharding``.
+
+    None when it cannot be derived (a sharding other than Named/SingleDevice that is not replicated).
+
+    Example:
+        >>> derive(NamedSharding(mesh, P("data", "model")), 2, (0, None)).spec
+        PartitionSpec('data', None)
+    """
+    if base_sharding is None:
+        return SingleDeviceSharding(default_device())
+    if isinstance(base_sharding, NamedSharding):
+        spec = tuple(base_sharding.spec) + (None,) * (base_ndim - len(base_sharding.spec))
+        new = PartitionSpec(*(None if a is None else spec[a] for a in axes))
+        return NamedSharding(base_sharding.mesh, new, memory_kind=base_sharding.memory_kind)
+    if isinstance(base_sharding, SingleDeviceSharding):
+        return base_sharding
+    if base_sharding.is_fully_replicated:
+        return replicated_like(base_sharding)
+    return None
+
+
+def replicated_like(base_sharding: Sharding | None) -> Sharding:
+    """A fully replicated sharding over the devices of ``base_sharding`` (any rank)."""
+    if base_sharding is None:
+        return SingleDeviceSharding(default_device())
+    if isinstance(base_sharding, NamedSharding):
+        return NamedSharding(base_sharding.mesh, PartitionSpec(), memory_kind=base_sharding.memory_kind)
+    if len(base_sharding.device_set) == 1:
+        return SingleDeviceSharding(next(iter(base_sharding.device_set)))
+    devices = sorted(base_sharding.device_set, key=lambda d: (d.process_index, d.id))
+    return NamedSharding(Mesh(np.array(devices), ("replicas",)), PartitionSpec())
+
+
+def _memory_order(x: np.ndarray) -> tuple[int, ...]:
+    """Axis order in which ``x``'s elements lie in memory (outermost first)."""
+    return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
+
+
+def host_shard(host: np.ndarray, index: tuple, dtype: np.dtype) -> np.ndarray:
+    """``host[index]`` in ``dtype``: a view when the dtype matches, else one cast in memory order."""
+    part = host[index]
+    if part.dtype == dtype:
+        return part
+    order = _memory_order(part)
+    return part.transpose(order).astype(dtype).transpose(np.argsort(order))
+
+
+def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
+              inspect: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+    """``host`` as a ``jax.Array`` with ``sharding``, cast to ``dtype``: each addressable device
+    receives its shard, read from ``host`` (a view is fine) and copied once into the device buffer.
+    ``inspect`` sees every distinct host shard before it is cast (e.g. a finiteness check).
+
+    Example:
+        >>> to_device(mmapped.T, NamedSharding(mesh, P("model", None)), jnp.float32)
+    """
+    host = host if isinstance(host, np.ndarray) else np.asarray(host)
+    dtype = np.dtype(host.dtype if dtype is None else dtype)
+    cache: dict[tuple, np.ndarray] = {}
+
+    def shard(index):
+        index = tuple(index) if index is not None else (slice(None),) * host.ndim
+        key = tuple(s.indices(n) if isinstance(s, slice) else s for s, n in zip(index, host.shape))
+        if key not in cache:  # replicated shards are read, inspected and cast once
+            if inspect is not None:
+                inspect(host[index])
+            cache[key] = host_shard(host, index, dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(host.shape, sharding, shard, dtype=dtype)
+
+
+def _check_arg(device: Any, sharding: ShardingArg) -> None:
+    if device is not None and sharding is not None:
+        raise AdapterError("pass either device= or sharding=, not both")
+    if device is not None and not isinstance(device, jax.Device):
+        raise AdapterError(f"device must be a jax.Device (e.g. jax.devices()[0]), found {type(device).__name__}")
+    if isinstance(sharding, str) and sharding != REPLICATED:
+        raise AdapterError(f"sharding={sharding!r}: use None (derived from the base kernels), {REPLICATED!r}, "
+                           "a jax.sharding.Sharding or a callable (path, leaf) -> Sharding | None")
+    if not (sharding is None or isinstance(sharding, (str, Sharding)) or callable(sharding)):
+        raise AdapterError(f"sharding must be None, {REPLICATED!r}, a jax.sharding.Sharding or a callable, "
+                           f"found {type(sharding).__name__}")
+
+
+class Placer:
+    """One load's placement policy (see module docstring); collects every problem for :meth:`finish`.
+
+    Example:
+        >>> placer = Placer(device=jax.devices()[1])
+    """
+
+    def __init__(self, *, device: jax.Device | None = None, sharding: ShardingArg = None,
+                 check_finite: bool = False, source: str = "adapter_model.safetensors"):
+        _check_arg(device, sharding)
+        self.device, self.sharding, self.check_finite, self.source = device, sharding, check_finite, source
+        self.problems: list[str] = []
+        self.nonfinite: list[str] = []
+
+    def sharding_for(self, path: str, shape: tuple, dtype: np.dtype, base: Any, axes: Axes) -> Sharding | None:
+        """The sharding of a new leaf at ``path`` whose axes follow ``axes`` of ``base`` (or None + a problem)."""
+        base_sharding = getattr(base, "sharding", None)
+        if self.device is not None:
+            chosen = SingleDeviceSharding(self.device)
+        elif self.sharding == REPLICATED:
+            chosen = replicated_like(base_sharding)
+        elif isinstance(self.sharding, Sharding):
+            chosen = self.sharding
+        else:
+            chosen = derive(base_sharding, len(base.shape), axes)
+            if chosen is None:
+                self.problems.append(f"{path}: cannot derive a sharding from the base leaf's {base_sharding} "
+                                     "(use NamedSharding for the base, or pass sharding=)")
+                return None
+            if callable(self.sharding):
+                mine = self.sharding(path, jax.ShapeDtypeStruct(shape, dtype, sharding=chosen))
+                if mine is not None and not isinstance(mine, Sharding):
+                    self.problems.append(f"{path}: the sharding callable returned {mine!r}, not a Sharding")
+                    return None
+                chosen = mine or chosen
+        try:
+            chosen.check_compatible_aval(shape)
+            chosen.shard_shape(shape)
+        except (ValueError, IndexError) as err:
+            self.problems.append(f"{path}: {chosen} does not fit shape {list(shape)} ({err})")
+            return None
+        if isinstance(base_sharding, Sharding) and base_sharding.num_devices > 1 and \
+                chosen.device_set != base_sharding.device_set:
+            self.problems.append(f"{path}: {chosen} uses other devices than the base leaf's {base_sharding}")
+            return None
+        return chosen
+
+    def check_values(self, host: np.ndarray, key: str) -> None:
+        """Record ``key`` when ``host`` holds NaN or Inf (for tensors combined before placing)."""
+        if self.check_finite and key not in self.nonfinite and not all_finite(host):
+            self.nonfinite.append(key)
+
+    def put(self, host: np.ndarray, dtype: Any, *, path: tuple, base: Any, axes: Axes, key: str = "",
+            checked: bool = False) -> Any:
+        """``host`` placed as the new leaf at ``path`` (None when it cannot be; see :meth:`finish`).
+        ``checked``: its values were already checked with :meth:`check_values`."""
+        dtype = np.dtype(dtype)
+        name = "/".join(map(str, path))
+        sharding = self.sharding_for(name, tuple(host.shape), dtype, base, axes)
+        if sharding is None:
+            return None
+        label = key or name
+
+        def check(part: np.ndarray) -> None:
+            if label not in self.nonfinite and not all_finite(part):
+                self.nonfinite.append(label)
+
+        return to_device(host, sharding, dtype, check if self.check_finite and not checked else None)
+
+    def finish(self) -> None:
+        """Raise every problem met so far, all at once."""
+        if self.nonfinite:
+            raise CheckpointError(f"{self.source}: tensors with NaN or Inf values (pass allow_nonfinite=True to "
+                                  "load them anyway)", sorted(self.nonfinite))
+        if self.problems:
+            raise AdapterError(f"{self.source}: the adapter cannot be placed with these shardings", self.problems)
+
