@@ -1,7 +1,9 @@
-"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included).
+"""Read adapter weights: ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies,
+bfloat16 included), or, only when asked, PEFT's older pickled ``adapter_model.bin``.
 
-The header is validated completely (offsets, sizes, dtypes, duplicates) before any tensor is
-touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
+The safetensors header is validated completely (offsets, sizes, dtypes, duplicates) before any
+tensor is touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
+The pickle is read with ``torch.load(weights_only=True)``, which runs no code from the file.
 
 Example:
     >>> tensors = read_safetensors("adapter/adapter_model.safetensors")
@@ -111,4 +113,50 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         begin, end = entry["data_offsets"]
         dtype = DTYPES[entry["dtype"]]
         out[key] = mm[start + begin:start + end].view(dtype).reshape(entry["shape"])
+    return out
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    reinterpret = {torch.bfloat16: (torch.int16, DTYPES["BF16"]),
+                   getattr(torch, "float8_e4m3fn", None): (torch.uint8, DTYPES["F8_E4M3"]),
+                   getattr(torch, "float8_e5m2", None): (torch.uint8, DTYPES["F8_E5M2"])}
+    if tensor.dtype in reinterpret:
+        raw, dtype = reinterpret[tensor.dtype]
+        return tensor.view(raw).numpy().view(dtype)
+    return tensor.numpy()
+
+
+def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a pickled ``adapter_model.bin``, read with ``torch.load(weights_only=True)``
+    (no code from the file runs). Needs torch.
+
+    Example:
+        >>> tensors = read_torch_pickle("old-adapter/adapter_model.bin")
+    """
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading a pickled adapter (allow_pickle=True) needs torch: install it "
+                              "(pip install torch), or convert the adapter to safetensors with PEFT") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (forbidden globals), RuntimeError/EOFError (corrupt)
+        raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, found {type(state).__name__}")
+    out, problems = {}, []
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            problems.append(f"{key!r}: expected a tensor name and a tensor, found {type(value).__name__}")
+            continue
+        try:
+            out[key] = _torch_to_numpy(value)
+        except (TypeError, RuntimeError) as err:
+            problems.append(f"{key!r}: dtype {value.dtype} cannot be read ({err})")
+    if problems:
+        raise CheckpointError(f"{path}: invalid adapter checkpoint", problems)
     return out

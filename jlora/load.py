@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors
+from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors, read_torch_pickle
 from .config import CONFIG_NAME, LoraConfig, read_json
 from .errors import CheckpointError, SourceError
 from .hub import file_exists, resolve_file
@@ -59,12 +59,16 @@ def load(
     layout: Any = "hf",
     dtype: Any = None,
     allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     """Load a PEFT LoRA adapter (local folder or Hub repo id) onto a Flax parameter tree.
 
     Returns a new tree in which every module the adapter changes is an ``AdaptedModule`` holding
     the base arrays (shared, not copied) plus ``lora_A``/``lora_B`` (and DoRA, bias, ... tensors).
-    ``params`` is not modified. LoRA factors are float32 unless ``dtype`` is given.
+    ``params`` is not modified. LoRA factors are float32 unless ``dtype`` is given. From the Hub, only
+    the adapter's two files are downloaded, into the Hugging Face cache (``HF_HUB_OFFLINE=1`` uses
+    the cache alone). An adapter that only has the pickled ``adapter_model.bin`` is refused unless
+    ``allow_pickle=True``, which reads it with ``torch.load(weights_only=True)`` (needs torch).
 
     Example:
         >>> lp = jlora.load(model.params, "adapter_dir")
@@ -76,11 +80,16 @@ def load(
     try:
         weights_path = resolve_file(source, WEIGHTS_NAME, **hub)
     except SourceError:
-        if file_exists(source, PICKLE_WEIGHTS_NAME, **hub):
+        if not file_exists(source, PICKLE_WEIGHTS_NAME, **hub):
+            raise
+        if not allow_pickle:
             raise CheckpointError(f"{source}: only {PICKLE_WEIGHTS_NAME} (a pickle) is present; jlora reads "
                                   f"{WEIGHTS_NAME}. Convert it with PEFT (save_pretrained(..., "
-                                  "safe_serialization=True))") from None
-        raise
-    tensors = read_safetensors(weights_path)
+                                  "safe_serialization=True)), or pass allow_pickle=True to read it with "
+                                  "torch.load(weights_only=True) (needs torch)") from None
+        weights_path = resolve_file(source, PICKLE_WEIGHTS_NAME, **hub)
+        tensors = read_torch_pickle(weights_path)
+    else:
+        tensors = read_safetensors(weights_path)
     return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
                  allow_nonfinite=allow_nonfinite)
