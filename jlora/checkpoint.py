@@ -65,11 +65,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: header is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, over-long integers, absurd nesting
+        raise CheckpointError(f"{path}: header is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}"[:500])
     data_len = size - 8 - n
     problems, spans = [], []
     for key, entry in header.items():
@@ -82,7 +84,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
             if not all(isinstance(d, int) and not isinstance(d, bool) for d in (begin, end)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{key!r}: malformed entry {entry!r}")
+            problems.append(f"{key!r}: malformed entry {entry!r}"[:500])
+            continue
+        if int(np.prod([d for d in shape if d], dtype=object)) * dtype.itemsize >= 2**63:
+            problems.append(f"{key!r}: shape {list(shape)} is too large")
             continue
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if not 0 <= begin <= end <= data_len or end - begin != nbytes:

@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import SourceError
 
@@ -24,9 +24,13 @@ def _local_dir(source: str | os.PathLike, subfolder: str | None) -> Path | None:
 
 
 def _check_subfolder(subfolder: str | None) -> None:
+    """A subfolder must name a folder inside the repo: relative, no '..' (either slash), no NUL."""
     if subfolder is not None and not isinstance(subfolder, str):
         raise SourceError(f"subfolder must be a string, found {type(subfolder).__name__}")
-    if subfolder and (Path(subfolder).is_absolute() or ".." in Path(subfolder).parts):
+    if not subfolder:
+        return
+    posix = PurePosixPath(subfolder.replace("\\", "/"))
+    if "\x00" in subfolder or posix.is_absolute() or Path(subfolder).is_absolute() or ".." in posix.parts:
         raise SourceError(f"subfolder {subfolder!r} must be a relative path inside the repo")
 
 

@@ -149,9 +149,9 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             # PEFT shapes: A (r, in, *k), B (out, r, 1...); embeddings A (r, V), B (D, r)
             a_in = a[1:]
             expect_in = in_shape[-1:] + in_shape[:-1] if len(in_shape) > 1 else in_shape
-            if a[0] != rank or b[1:2] != (rank,):
-                problems.append(f"{name}: rank {a[0]} (lora_A {list(a)}, lora_B {list(b)}) but the "
-                                f"config gives rank {rank}")
+            if a[:1] != (rank,) or b[1:2] != (rank,):
+                problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
+                                f"the config gives rank {rank}")
             if tuple(a_in) != tuple(expect_in):
                 problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the Flax "
                                 f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
@@ -196,10 +196,11 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                                 f"for PyTorch {param!r} (has {sorted(map(str, module))})")
                 continue
             base = module[mapping.flax_key]
-            found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape
+            found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape if len(shape(key)) == base.ndim else None
             if found != tuple(base.shape):
                 what = "vocabulary sizes differ (resized embeddings?): " if mapping.flax_key == "embedding" else ""
-                problems.append(f"{key}: {what}shape {list(shape(key))} (as Flax {list(found)}) does not match "
+                as_flax = f" (as Flax {list(found)})" if found is not None else ""
+                problems.append(f"{key}: {what}shape {list(shape(key))}{as_flax} does not match "
                                 f"{'/'.join(map(str, placement.path + (mapping.flax_key,)))} {list(base.shape)}")
         targets.append(target)
 
