@@ -58,7 +58,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             if is_trainable_param(config, t.name, stored_as):
                 trainable.append(mapping.flax_key)
         if "token_delta" in t.tensors.roles:
-            table = module["embedding"]
+            table = module[t.placement.kernel_key]
             children[TOKEN_DELTA] = jnp.asarray(np.asarray(tensors[t.tensors.roles["token_delta"]], dtype=table.dtype))
             trainable.append(TOKEN_DELTA)
             file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))

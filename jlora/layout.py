@@ -79,6 +79,7 @@ class HfLayout:
     """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first."""
 
     name = "hf"
+    tree_name = "Flax"  # how messages call the trees this layout reads
 
     def __init__(self, params: Mapping | None = None, prefix_mode: tuple = ("exact",)):
         self.params = params
@@ -94,11 +95,11 @@ class HfLayout:
         modes = [("exact",), ("strip",)] + [("add", k) for k in params if isinstance(k, str)]
         best, best_hits = ("exact",), -1
         for mode in modes:
-            cand = HfLayout(params, mode)
+            cand = type(self)(params, mode)
             hits = sum(cand._find(n) is not None for n in names)
             if hits > best_hits:
                 best, best_hits = mode, hits
-        return HfLayout(params, best)
+        return type(self)(params, best)
 
     def _segments(self, name: str) -> list[str]:
         segs = name.split(".")
@@ -145,6 +146,10 @@ class HfLayout:
         # conv kernels (*k, in, out): canonical already
         return Placement(path, "linear", "kernel", kernel.ndim - 1, tuple(range(kernel.ndim)))
 
+    def embedding_key(self, path: tuple) -> str | None:
+        """The key of the embedding table (V, D) of the module at ``path`` (trainable tokens), or None."""
+        return "embedding" if "embedding" in self._module(path) else None
+
     def _module(self, path: tuple) -> Mapping:
         node = self.params
         for k in path:
@@ -175,7 +180,7 @@ class HfLayout:
 
     # ---- diagnostics --------------------------------------------------------------------------
     def closest(self, name: str, n: int = 3) -> list[str]:
-        """The Flax module paths that look most like PEFT module ``name``."""
+        """The module paths of the tree that look most like PEFT module ``name``."""
         paths = ["/".join(map(str, p)) for p, _ in iter_modules(self.params)]
         return difflib.get_close_matches("/".join(self._segments(name)), paths, n=n, cutoff=0.4)
 
@@ -183,18 +188,22 @@ class HfLayout:
         hint = ""
         if name.split(".")[-1] in ("lm_head", "embed_out") and not any(
                 "lm_head" in map(str, p) for p, _ in iter_modules(self.params)):
-            hint = (" (this Flax model ties its output head to the input embedding, so it has no "
+            hint = (f" (this {self.tree_name} model ties its output head to the input embedding, so it has no "
                     "separate lm_head leaf; PEFT's lm_head adapter cannot be placed. Untie the head, "
                     "or drop lm_head from the adapter)")
         close = self.closest(name)
-        near = f"; closest Flax paths: {close}" if close else ""
-        return f"module {name!r} has no place in the Flax tree{hint}{near}"
+        near = f"; closest {self.tree_name} paths: {close}" if close else ""
+        return f"module {name!r} has no place in the {self.tree_name} tree{hint}{near}"
 
 
 def get_layout(layout: Any) -> HfLayout:
-    """The layout object for ``layout`` ("hf" or a layout instance)."""
+    """The layout object for ``layout`` ("hf", "torch" or a layout instance)."""
     if layout == "hf":
         return HfLayout()
+    if layout == "torch":
+        from .torch_layout import TorchLayout  # a variant of HfLayout, in its own file
+
+        return TorchLayout()
     if hasattr(layout, "bind") and hasattr(layout, "place"):
         return layout
-    raise AdapterError(f"unknown layout {layout!r}; use 'hf' or a jlora layout object")
+    raise AdapterError(f"unknown layout {layout!r}; use 'hf', 'torch' or a jlora layout object")

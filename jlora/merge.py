@@ -43,9 +43,10 @@ def dora_factor(weight: jax.Array, delta: jax.Array, magnitude: jax.Array, spec:
 def with_token_rows(node: AdaptedModule, children: dict) -> dict:
     """Trainable tokens: the delta rows replace the embedding rows at the token indices."""
     if TOKEN_DELTA in node:
-        table = jnp.asarray(children["embedding"])  # numpy tables too (wrap runs this outside jit)
+        key = node.spec.kernel_key  # the embedding table
+        table = jnp.asarray(children[key])  # numpy tables too (wrap runs this outside jit)
         idx = jnp.asarray(node.spec.token_indices, dtype=jnp.int32)
-        children["embedding"] = table.at[idx].set(node[TOKEN_DELTA].astype(table.dtype))
+        children[key] = table.at[idx].set(node[TOKEN_DELTA].astype(table.dtype))
     return children
 
 

@@ -140,6 +140,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         module = layout._module(placement.path)
         target = Target(name, placement, group)
 
+        tree_name = getattr(layout, "tree_name", "Flax")
         if has_lora:
             kernel = module[placement.kernel_key]
             canon = _canonical_shape(tuple(kernel.shape), placement)
@@ -153,11 +154,11 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                 problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
                                 f"the config gives rank {rank}")
             if tuple(a_in) != tuple(expect_in):
-                problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the Flax "
+                problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the {tree_name} "
                                 f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
                                 f"(expected input size {list(expect_in)})")
             if b[:1] != out_shape or any(d != 1 for d in b[2:]):
-                problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the Flax "
+                problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the {tree_name} "
                                 f"{placement.kernel_key} {list(kernel.shape)} at {'/'.join(map(str, placement.path))} "
                                 f"(expected output size {list(out_shape)})")
             for role in ("magnitude", "lora_bias"):
@@ -171,7 +172,8 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         if "token_delta" in roles:
             indices = _token_indices(config, name)
             delta = shape(roles["token_delta"])
-            emb_table = module.get("embedding")
+            table_key = layout.embedding_key(placement.path)
+            emb_table = module[table_key] if table_key else None
             if indices is None:
                 problems.append(f"{roles['token_delta']}: trainable token delta in the file but the config's "
                                 "trainable_token_indices does not cover this module")
@@ -185,8 +187,10 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                 too_big = [i for i in indices if i >= emb_table.shape[0]]
                 if too_big:
                     problems.append(f"{name}: trainable token indices {too_big} exceed the vocabulary size "
-                                    f"{emb_table.shape[0]} of the Flax embedding")
+                                    f"{emb_table.shape[0]} of the {tree_name} embedding")
                 target.token_indices = indices
+                if placement.kind == "none":  # the table is the module's kernel for merging the rows
+                    target.placement = dataclasses.replace(placement, kernel_key=table_key)
 
         for stored_as, key in group.params.items():
             param = stored_as.rpartition(".")[2]
@@ -199,7 +203,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape if len(shape(key)) == base.ndim else None
             if found != tuple(base.shape):
                 what = "vocabulary sizes differ (resized embeddings?): " if mapping.flax_key == "embedding" else ""
-                as_flax = f" (as Flax {list(found)})" if found is not None else ""
+                as_flax = f" (as {tree_name} {list(found)})" if found is not None and found != shape(key) else ""
                 problems.append(f"{key}: {what}shape {list(shape(key))}{as_flax} does not match "
                                 f"{'/'.join(map(str, placement.path + (mapping.flax_key,)))} {list(base.shape)}")
         targets.append(target)
