@@ -7,7 +7,9 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from .errors import SourceError
@@ -100,12 +102,45 @@ def _offline() -> bool:
 def _download(repo_id: str, filename: str, **kwargs) -> Path:
     """``hf_hub_download`` with every failure turned into a SourceError that says what to do."""
     import huggingface_hub
+
+    with _hub_errors(repo_id, filename, kwargs.get("revision"), kwargs.get("subfolder")):
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
+
+
+def resolve_folder(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    ignore_patterns: list[str] | None = None,
+) -> Path:
+    """``source`` itself when it is a local folder, else the Hub repo's snapshot in the Hugging Face cache
+    (files matching ``ignore_patterns`` are not downloaded; fetch them later with ``resolve_file`` and
+    ``revision=folder.name``, the snapshot's commit).
+
+    Example:
+        >>> resolve_folder("user/model", ignore_patterns=["*.safetensors", "*.bin"])   # config, tokenizer...
+    """
+    root = Path(source).expanduser()
+    if root.is_dir():
+        return root
+    import huggingface_hub
+
+    with _hub_errors(str(source), "the repo's files", revision, None):
+        return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
+                                                      cache_dir=cache_dir, ignore_patterns=ignore_patterns))
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, filename: str, revision: str | None, subfolder: str | None) -> Iterator[None]:
+    """Turn every failure of a huggingface_hub download into a SourceError that says what to do."""
     from huggingface_hub import errors as hf_errors
 
-    where = f"{repo_id!r}" + (f" (revision {kwargs['revision']!r})" if kwargs.get("revision") else "")
-    sub = f" in subfolder {kwargs['subfolder']!r}" if kwargs.get("subfolder") else ""
+    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    sub = f" in subfolder {subfolder!r}" if subfolder else ""
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
+        yield
     except hf_errors.HFValidationError as err:
         raise SourceError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({err})") from None
     except hf_errors.GatedRepoError:
@@ -116,8 +151,8 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
                           "private and no valid token was sent: check the id, log in (`hf auth login`) or pass "
                           "token=...") from None
     except hf_errors.RevisionNotFoundError:
-        raise SourceError(f"revision {kwargs.get('revision')!r} not found in Hub repo {repo_id!r}: check the "
-                          "branch, tag or commit id") from None
+        raise SourceError(f"revision {revision!r} not found in Hub repo {repo_id!r}: check the branch, tag or "
+                          "commit id") from None
     except hf_errors.LocalEntryNotFoundError:
         if _offline():
             raise SourceError(f"{filename} of {where}{sub} is not in the local Hugging Face cache and "
@@ -126,8 +161,9 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
         raise SourceError(f"the Hub could not be reached for {filename} of {where}{sub} and it is not in the "
                           "local cache: check your network connection (and HF_ENDPOINT) and retry") from None
     except hf_errors.EntryNotFoundError:
-        raise SourceError(f"{filename} not found in Hub repo {where}{sub}: is it a PEFT adapter repo? Check the "
-                          "id, revision and subfolder") from None
+        kind = " is it a PEFT adapter repo?" if filename.startswith("adapter_") else ""
+        raise SourceError(f"{filename} not found in Hub repo {where}{sub}:{kind} Check the id, revision and "
+                          "subfolder") from None
     except hf_errors.HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
@@ -135,6 +171,8 @@ def _download(repo_id: str, filename: str, **kwargs) -> Path:
                               "access to this repo; log in again (`hf auth login`) or pass a valid token=...") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SourceError(f"downloading {filename} from {where} failed ({first}): retry later") from None
+    except SourceError:
+        raise
     except Exception as err:  # noqa: BLE001 - the HTTP client's own errors (requests, httpx) differ by version
         raise SourceError(f"downloading {filename} from {where} failed ({type(err).__name__}: {err}); the "
                           "connection was interrupted or the Hub did not answer: check your network "

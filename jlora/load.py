@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,26 @@ def load(
         >>> lp = jlora.load(model.params, "adapter_dir")
         >>> lp = jlora.load(model.params, "user/repo", revision="v1", subfolder="sft")
     """
+    config, tensors, weights_path = read_adapter(source, revision=revision, subfolder=subfolder, token=token,
+                                                 cache_dir=cache_dir, allow_pickle=allow_pickle)
+    return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
+                 allow_nonfinite=allow_nonfinite)
+
+
+def read_adapter(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> tuple[LoraConfig, dict[str, np.ndarray], Path]:
+    """An adapter's files, parsed: ``(config, {PEFT key: array}, weights path)`` (see :func:`load`).
+
+    Example:
+        >>> config, tensors, path = read_adapter("user/repo")
+    """
     hub = dict(revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
     config_path = resolve_file(source, CONFIG_NAME, **hub)
     config = LoraConfig.from_dict(read_json(config_path), source=str(config_path))
@@ -88,8 +109,5 @@ def load(
                                   "safe_serialization=True)), or pass allow_pickle=True to read it with "
                                   "torch.load(weights_only=True) (needs torch)") from None
         weights_path = resolve_file(source, PICKLE_WEIGHTS_NAME, **hub)
-        tensors = read_torch_pickle(weights_path)
-    else:
-        tensors = read_safetensors(weights_path)
-    return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
-                 allow_nonfinite=allow_nonfinite)
+        return config, read_torch_pickle(weights_path), weights_path
+    return config, read_safetensors(weights_path), weights_path

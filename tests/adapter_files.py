@@ -42,6 +42,17 @@ def llama_like_params(hidden: int = 32, kv: int = 16, layers: int = 2) -> dict:
     return {"model": {"layers": {str(i): {"self_attn": attn()} for i in range(layers)}}}
 
 
+def llama_like_checkpoint(hidden: int = 32, kv: int = 16, layers: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """A PyTorch-format state dict shaped like tiny_llama's attention (random values; no torch)."""
+    rng = np.random.default_rng(seed)
+    out = {"model.embed_tokens.weight": rng.standard_normal((64, hidden)).astype(np.float32)}
+    for i in range(layers):
+        for m, (o, n) in {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
+                          "o_proj": (hidden, hidden)}.items():
+            out[f"model.layers.{i}.self_attn.{m}.weight"] = rng.standard_normal((o, n)).astype(np.float32)
+    return out
+
+
 def write_adapter(folder: Path, config: dict | str | None = None, tensors: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """A small Hub-compatible HTTP server for tests (no torch, no transformers).
 
-It answers what huggingface_hub's ``hf_hub_download`` really sends (read from huggingface_hub 0.36 and
-2.x): ``HEAD``/``GET /{repo_id}/resolve/{revision}/{path}``, with ``X-Repo-Commit``, ``ETag``,
+It answers what huggingface_hub's ``hf_hub_download`` and ``snapshot_download`` really send (read from
+huggingface_hub 0.36 and 2.x): ``HEAD``/``GET /{repo_id}/resolve/{revision}/{path}``, with ``X-Repo-Commit``, ``ETag``,
 ``Content-Length``; large ("LFS") files redirect (302) to a second "CDN" origin with ``X-Linked-Etag``
 and ``X-Linked-Size``, as the real Hub does; ``Range`` requests; errors carry ``X-Error-Code`` /
 ``X-Error-Message`` the way the Hub sets them (RepoNotFound, GatedRepo, EntryNotFound,
-RevisionNotFound, bad credentials). Renamed repos answer with a relative redirect.
+RevisionNotFound, bad credentials). Renamed repos answer with a relative redirect. ``GET
+/api/models/{repo_id}/revision/{revision}`` and ``.../tree/{revision}`` list the files.
 
 Fault injection per repo: ``fail_first`` (the first N requests answer 500) and ``truncate`` (bodies
 of those files stop halfway, until ``GET /_test/heal/{repo_id}``). Every request is logged.
@@ -165,10 +166,14 @@ def _handler_class(hub: FakeHub):
                 return self._send(200, {}, b"healed", body)
             if path.startswith("/cdn/"):
                 return self._serve_blob(path[len("/cdn/"):], body)
+            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-            if not m:
+            if api:
+                repo_id, endpoint, revision, _ = api.groups()
+            elif m:
+                repo_id, revision, filename = m.groups()
+            else:
                 return self._error(404, None, "Not Found", body)
-            repo_id, revision, filename = m.groups()
             repo = hub.repos.get(repo_id)
             if repo is None:
                 return self._error(404, "RepoNotFound", "Repository not found", body)
@@ -192,6 +197,8 @@ def _handler_class(hub: FakeHub):
             if branch is None:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
             commit = repo.commit(branch, repo_id)
+            if api:
+                return self._api(endpoint, repo_id, repo, branch, commit, body)
             data = repo.branches[branch].get(filename)
             if data is None:
                 return self._error(404, "EntryNotFound", f"{filename} does not exist on \"{revision}\"", body,
@@ -203,6 +210,18 @@ def _handler_class(hub: FakeHub):
                                         "ETag": f'"{git_blob_sha(data)}"'}, b"", body)
             self._content(data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha(data)}"',
                                  "Content-Type": "application/octet-stream"}, body, filename in repo.truncate)
+
+        def _api(self, endpoint: str, repo_id: str, repo: Repo, branch: str, commit: str, body: bool):
+            """``repo_info`` and the recursive tree listing, as far as ``snapshot_download`` reads them."""
+            files = repo.branches[branch]
+            if endpoint == "revision":
+                info = {"id": repo_id, "sha": commit, "private": repo.token is not None, "gated": repo.gated,
+                        "siblings": [{"rfilename": p} for p in sorted(files)]}
+            else:
+                info = [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha(d),
+                         **({"lfs": {"oid": _sha256(d), "size": len(d), "pointerSize": 134}}
+                            if p.endswith(LFS_SUFFIXES) else {})} for p, d in sorted(files.items())]
+            self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode(), body)
 
         def _serve_blob(self, sha: str, body: bool):
             for repo in hub.repos.values():

@@ -2,7 +2,7 @@
 huggingface_hub reads once, at import) take effect. Used by test_hub.py; no torch, no transformers.
 
 Usage: ``python hub_client.py CALLS.json RESULTS.json``; CALLS is a list of
-``{"id": ..., "fn": "load" | "config" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps each id to
+``{"id": ..., "fn": "load" | "config" | "merge" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps each id to
 ``{"ok": true, ...summary}`` or ``{"ok": false, "type": ..., "adapter_error": bool, "message": ...}``.
 """
 from __future__ import annotations
@@ -38,6 +38,15 @@ def run(call: dict) -> dict:
             return {"ok": True}
         if fn == "load":
             out = _summary(jlora.load(llama_like_params(), call["source"], **kwargs))
+        elif fn == "merge":  # the command line, as a user runs it
+            from jlora.cli import main as cli
+
+            code = cli(["merge", "--base", call["source"], "--adapter", kwargs["adapter"], "--out", kwargs["out"],
+                        "--no-progress"])
+            out = {"code": code}
+            if code:
+                return {"ok": False, "type": "exit status", "adapter_error": code == 2, "source_error": False,
+                        "message": f"exit status {code}"}
         elif fn == "config":
             out = {"r": jlora.LoraConfig.from_pretrained(call["source"], **kwargs).r}
         else:

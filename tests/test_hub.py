@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import jlora
-from adapter_files import PREFIX, adapter_bytes, llama_lora_tensors
+from safetensors.numpy import load_file, save
+
+from adapter_files import PREFIX, adapter_bytes, llama_like_checkpoint, llama_lora_tensors
 from fake_hub import FakeHub, Repo
 
 TESTS = Path(__file__).resolve().parent
@@ -70,6 +72,9 @@ def hub():
         "user/pickle-only": Repo({"main": {"adapter_config.json": _adapter(9)["adapter_config.json"],
                                            "adapter_model.bin": big}}),
         "user/renamed": Repo({"main": _adapter(10)}),
+        "user/tiny-base": Repo({"main": {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}",
+                                         "model.safetensors": save(llama_like_checkpoint(), {"format": "pt"}),
+                                         "pytorch_model.bin": big, "consolidated.safetensors": big}}),
         "old/name": Repo({}, moved_to="user/renamed"),
     }
     server = FakeHub(repos).start()
@@ -119,6 +124,7 @@ ONLINE = [
     {"id": "after-truncation", "fn": "load", "source": "user/trunc", "kwargs": {"cache_dir": "CACHE:trunc"}},
     {"id": "pickle-only", "fn": "load", "source": "user/pickle-only"},
     {"id": "renamed", "fn": "load", "source": "old/name"},
+    {"id": "merge", "fn": "merge", "source": "user/tiny-base", "kwargs": {"adapter": "user/adapter", "out": "OUT:online"}},
 ]
 OFFLINE = [
     {"id": "warm", "fn": "load", "source": "user/adapter"},
@@ -127,6 +133,7 @@ OFFLINE = [
      "kwargs": {"revision": "v2", "subfolder": "sft"}},
     {"id": "cold", "fn": "load", "source": "user/adapter", "kwargs": {"cache_dir": "CACHE:cold"}},
     {"id": "cold-config", "fn": "config", "source": "user/adapter", "kwargs": {"cache_dir": "CACHE:cold"}},
+    {"id": "merge", "fn": "merge", "source": "user/tiny-base", "kwargs": {"adapter": "user/adapter", "out": "OUT:offline"}},
 ]
 
 
@@ -141,6 +148,8 @@ def _resolve(calls: list[dict], hub: FakeHub, home: Path) -> list[dict]:
                 kwargs[k] = hub.commit(repo, branch)
             elif isinstance(v, str) and v.startswith("CACHE:"):
                 kwargs[k] = str(home / "caches" / v[len("CACHE:"):])
+            elif isinstance(v, str) and v.startswith("OUT:"):
+                kwargs[k] = str(home / "merged" / v[len("OUT:"):])
         out.append({**call, "kwargs": kwargs})
     return out
 
@@ -238,3 +247,25 @@ def test_offline_with_a_cold_cache_says_to_go_online(offline):
     for key in ("cold", "cold-config"):
         assert_source_error(results[key], "adapter_config.json", "'user/adapter'", "HF_HUB_OFFLINE", "go online")
     assert requests == []
+
+
+def assert_merged(out: Path) -> None:
+    """W + 2 * B @ A (lora_alpha 8 / r 4) for every adapted module, every other tensor unchanged."""
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    got, base, lora = load_file(out / "model.safetensors"), llama_like_checkpoint(), llama_lora_tensors(seed=1)
+    assert got.keys() == base.keys()
+    for key, weight in base.items():
+        name = PREFIX + key[: -len(".weight")]
+        if f"{name}.lora_A.weight" in lora:
+            weight = weight + 2.0 * lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]
+        np.testing.assert_allclose(got[key], weight, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_command_with_a_hub_base_and_adapter(online, offline, hub, home):
+    assert online["merge"]["ok"], online["merge"]
+    assert_merged(home / "merged" / "online")
+    # the safetensors checkpoint and the non-weight files; never other weight formats or unused safetensors
+    assert sorted(hub.downloaded("user/tiny-base")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    results, requests = offline
+    assert results["merge"]["ok"], results["merge"]
+    assert_merged(home / "merged" / "offline")
