@@ -108,8 +108,8 @@ def describe_adapter(
         layers = sorted({i for i in (layer_index(cfg, n) for n in names) if i is not None})
         for i in layers:
             per_layer[i].add(labels[pat])
-        ranks = sorted({header[g.roles.get("lora_A") or g.roles.get("emb_A")]["shape"][0]
-                        for g in (groups[n] for n in names) if g.roles.get("lora_A") or g.roles.get("emb_A")})
+        ranks = sorted({(header[key]["shape"] or [0])[0] for key in
+                        (groups[n].roles.get("lora_A") or groups[n].roles.get("emb_A") for n in names) if key})
         has_lora = bool(ranks)
         out_groups.append({
             "module": labels[pat], "pattern": pat, "count": len(names), "layers": ranges(layers),
@@ -174,7 +174,8 @@ def format_description(info: dict[str, Any]) -> str:
     width = max([len(g["module"]) for g in info["groups"]] + [6])
     for g in info["groups"]:
         layers = f"layers {g['layers']}" if g["layers"] else "no layer index"
-        rank = f"r={'/'.join(map(str, g['ranks']))} scale {'/'.join(f'{s:g}' for s in g['scales'])}" if g["ranks"] else ""
+        scales = "/".join(f"{s:g}" for s in g["scales"])
+        rank = f"r={'/'.join(map(str, g['ranks']))} scale {scales}" if g["ranks"] else ""
         lines.append(f"  {g['module']:<{width}}  {layers:<18} x{g['count']:<4} {rank:<18} {g['kind']}".rstrip())
     layers = info["layers"]
     if layers["count"]:

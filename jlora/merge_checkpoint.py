@@ -145,51 +145,54 @@ def merge_checkpoint(
     _check_out(out, folder)
 
     # every shard memory-mapped (nothing read yet), checked against the index
-    flat, shard_keys, shard_metadata, problems = {}, {}, {}, []
+    arrays, shard_metadata, problems, seen = {}, {}, [], set()
     for shard in shards:
-        header, metadata, _ = read_header(folder / shard)
-        shard_keys[shard], shard_metadata[shard] = list(header), metadata
+        header, shard_metadata[shard], _ = read_header(folder / shard)
         if weight_map is not None:
             listed = {k for k, s in weight_map.items() if s == shard}
-            problems += [f"{shard}: {k!r} is not listed for this shard in {INDEX_NAME}" for k in header if k not in listed]
+            problems += [f"{shard}: {k!r} is not listed for this shard in {INDEX_NAME}"
+                         for k in header if k not in listed]
             problems += [f"{INDEX_NAME}: {k!r} is not in {shard}" for k in sorted(listed - set(header))]
-        problems += [f"{shard}: {k!r} is also in another shard" for k in header if k in flat]
-        flat.update(read_safetensors(folder / shard))
+        problems += [f"{shard}: {k!r} is also in another shard" for k in header if k in seen]
+        seen.update(header)
+        arrays[shard] = read_safetensors(folder / shard)
     if problems:
         raise CheckpointError(f"{base}: the checkpoint's shards and index disagree", problems[:50])
 
     # place the whole adapter on the whole checkpoint: every problem is reported before anything is written
-    lora_tree = place(nest_keys(flat), config, tensors, layout="torch", source=str(weights_path))
+    lora_tree = place(nest_keys({k: v for a in arrays.values() for k, v in a.items()}), config, tensors,
+                      layout="torch", source=str(weights_path))
+    key_shard = {k: shard for shard, a in arrays.items() for k in a}
     nodes_by_shard: dict[str, list] = defaultdict(list)
-    key_shard = {k: s for s, keys in shard_keys.items() for k in keys}
     not_float = []
     for path, node in adapted_modules(lora_tree):
         prefix = ".".join(str(p.key) for p in path)
         for shard in sorted({key_shard[f"{prefix}.{child}"] for child in node.base_children()}):
-            nodes_by_shard[shard].append((prefix, node))
+            nodes_by_shard[shard].append((prefix, node))  # a module split over two shards is merged for each
         weight = node[node.spec.kernel_key] if node.spec.kernel_key in node else None
         if weight is not None and not (np.issubdtype(weight.dtype, np.floating) or weight.dtype.kind == "V"):
             not_float.append(f"{prefix}.{node.spec.kernel_key}: {weight.dtype}")
     if not_float:
         raise CheckpointError(f"{base}: cannot merge into non-floating-point (quantized?) weights", not_float)
+    del lora_tree  # from here on each shard's memory map is released once that shard is written
+    total = sum(int(v.nbytes) for a in arrays.values() for v in a.values())
 
     tmp = out.parent / f".{out.name}.jlora-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     try:
-        total = sum(int(v.nbytes) for v in flat.values())
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="jlora merge", file=sys.stderr,
                   disable=not progress) as bar:
             for shard in shards:
                 bar.set_postfix_str(shard)
-                tensors_out = {k: flat[k] for k in shard_keys[shard]}
-                nodes = nodes_by_shard.get(shard, [])
+                tensors_out = arrays.pop(shard)
+                nodes = nodes_by_shard.pop(shard, [])
                 for (prefix, _), merged in zip(nodes, merge([node for _, node in nodes]) if nodes else []):
                     for child, value in merged.items():
                         if f"{prefix}.{child}" in tensors_out:
                             tensors_out[f"{prefix}.{child}"] = np.asarray(value)
                 save_file(tensors_out, str(tmp / shard), metadata=shard_metadata[shard] or {"format": "pt"})
                 bar.update(sum(int(v.nbytes) for v in tensors_out.values()))
-                del tensors_out
+                del tensors_out, nodes
         if weight_map is not None:
             index = {"metadata": {**index_metadata, "total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -108,6 +108,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
     groups = group_keys(tensors.keys(), source)
     problems: list[str] = []
     targets: list[Target] = []
+    tree_name = getattr(layout, "tree_name", "Flax")  # "Flax", "PyTorch": how messages call the tree
 
     def shape(key):
         return tuple(tensors[key].shape)
@@ -140,7 +141,6 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         module = layout._module(placement.path)
         target = Target(name, placement, group)
 
-        tree_name = getattr(layout, "tree_name", "Flax")
         if has_lora:
             kernel = module[placement.kernel_key]
             canon = _canonical_shape(tuple(kernel.shape), placement)

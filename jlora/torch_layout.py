@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import AdapterError
+from .errors import CheckpointError
 from .layout import _GPT2_CONV1D, HfLayout, ParamMapping, Placement
 
 
@@ -88,7 +88,7 @@ def nest_keys(flat: Mapping[str, Any]) -> dict:
             continue
         node[leaf] = value
     if clashes:
-        raise AdapterError("tensor names that cannot form a tree (a name is both a tensor and a module)",
+        raise CheckpointError("tensor names that cannot form a tree (a name is both a tensor and a module)",
                            clashes[:20])
     return tree
 

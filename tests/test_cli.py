@@ -164,7 +164,8 @@ def test_merge_errors_exit_2_and_write_nothing(llama_single, tmp_path, capsys):
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "full"))
+    code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(adapter),
+                        "--out", str(tmp_path / "full"))
     assert code == 2 and "not an empty folder" in err and (tmp_path / "full" / "x").read_text() == "keep me"
 
     code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(base / "m"))
@@ -173,13 +174,17 @@ def test_merge_errors_exit_2_and_write_nothing(llama_single, tmp_path, capsys):
     bin_only = tmp_path / "bin-only"
     bin_only.mkdir()
     (bin_only / "pytorch_model.bin").write_bytes(b"...")
-    code, err = run_cli(capsys, "merge", "--base", str(bin_only), "--adapter", str(adapter), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, "merge", "--base", str(bin_only), "--adapter", str(adapter),
+                        "--out", str(tmp_path / "o"))
     assert code == 2 and "model.safetensors" in err and "safetensors format only" in err
 
     code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o"))
     assert code == 2 and "nope" in err
     assert set(tmp_path.iterdir()) - before == {other, tmp_path / "full", bin_only}  # no output, no temp folders
+
+
+EVIL_SHARDS = ("../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors", ".hidden.safetensors", "model.bin")
 
 
 def test_merge_refuses_shard_names_outside_the_folder(tmp_path, capsys):
@@ -190,8 +195,7 @@ def test_merge_refuses_shard_names_outside_the_folder(tmp_path, capsys):
     tf.LlamaForCausalLM(llama_config()).save_pretrained(base, max_shard_size="20KB")
     index = json.loads((base / "model.safetensors.index.json").read_text())
     keys = sorted(index["weight_map"])
-    for key, evil in zip(keys, ["../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors", ".hidden.safetensors",
-                                "model.bin"]):
+    for key, evil in zip(keys, EVIL_SHARDS):
         index["weight_map"][key] = evil
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     write_adapter_like = tmp_path / "adapter"
@@ -206,7 +210,7 @@ def test_merge_refuses_shard_names_outside_the_folder(tmp_path, capsys):
     code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(write_adapter_like), "--out",
                         str(tmp_path / "out"))
     assert code == 2 and "shard names must be plain *.safetensors file names" in err
-    for evil in ("../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors", ".hidden.safetensors", "model.bin"):
+    for evil in EVIL_SHARDS:
         assert repr(evil) in err
     assert sorted(tmp_path.parent.iterdir()) == before and not (tmp_path / "out").exists()
 
@@ -215,7 +219,8 @@ def test_merge_refuses_lm_head_adapter_on_a_tied_checkpoint(tmp_path, capsys):
     import transformers as tf
 
     base = tmp_path / "base"
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(base)
+    config = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    tf.GPT2LMHeadModel(config).save_pretrained(base)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,

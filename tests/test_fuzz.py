@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 import jlora
 from adapter_files import PREFIX, llama_like_params, llama_lora_tensors, write_adapter
 from jlora.checkpoint import DTYPES, read_safetensors
+from jlora.describe import describe_adapter
 from jlora.hub import _check_subfolder, resolve_file
+from jlora.merge_checkpoint import _is_shard_name
 from jlora.targeting import is_module_to_save, is_targeted, layer_index, module_rank, module_scale
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -68,7 +70,8 @@ VALID = {  # plausible values
     "layers_to_transform": st.none() | st.lists(st.integers(0, 3), max_size=3) | st.integers(0, 3),
     "layers_pattern": st.none() | st.just("layers"), "modules_to_save": st.none() | st.lists(module_names, max_size=2),
     "trainable_token_indices": st.none() | st.lists(st.integers(0, 80), max_size=3),
-    "use_rslora": st.booleans(), "bias": st.sampled_from(["none", "all", "lora_only"]), "lora_dropout": st.floats(0, 0.99),
+    "use_rslora": st.booleans(), "bias": st.sampled_from(["none", "all", "lora_only"]),
+    "lora_dropout": st.floats(0, 0.99),
     "init_lora_weights": st.sampled_from([True, False, "gaussian", "eva"]), "peft_type": st.just("LORA"),
     "fan_in_fan_out": st.booleans(), "inference_mode": st.booleans(), "layer_replication": st.none(),
     "use_qalora": st.just(False), "future_field": json_values,
@@ -203,6 +206,7 @@ def test_any_safetensors_file_loads_or_raises_adapter_error(tmp_path_factory, bl
         for value in tensors.values():  # every tensor the reader hands out is readable
             np.asarray(value).tobytes()
     lp = expect_adapter_error(jlora.load, PARAMS, folder, allow_nonfinite=allow_nonfinite)
+    expect_adapter_error(describe_adapter, folder)  # `jlora inspect`
     assert _snapshot(tmp) == before
     if lp is not None:
         assert jlora.merge(lp) is not None
@@ -260,3 +264,12 @@ def test_non_finite_alpha_is_refused(bad):
         jlora.LoraConfig(lora_alpha=bad)
     with pytest.raises(jlora.ConfigError, match="alpha_pattern"):
         jlora.LoraConfig(alpha_pattern={"q_proj": bad})
+
+
+@FUZZ
+@given(name=st.text(alphabet="./\\a_~:\x00", max_size=10).map(lambda s: s + ".safetensors") | st.text(max_size=12))
+def test_accepted_shard_names_stay_inside_the_checkpoint_folder(name):
+    """`jlora merge` reads and writes only shard names that are plain files of the base and out folders."""
+    if _is_shard_name(name):
+        joined = posixpath.normpath(posixpath.join("/base", name.replace("\\", "/")))
+        assert posixpath.dirname(joined) == "/base" and "\x00" not in name and not name.startswith("."), name

@@ -107,7 +107,8 @@ ONLINE = [
     {"id": "config", "fn": "config", "source": "user/adapter"},
     {"id": "again", "fn": "load", "source": "user/adapter"},
     {"id": "main", "fn": "load", "source": "user/multi"},
-    {"id": "revision+subfolder", "fn": "load", "source": "user/multi", "kwargs": {"revision": "v2", "subfolder": "sft"}},
+    {"id": "revision+subfolder", "fn": "load", "source": "user/multi",
+     "kwargs": {"revision": "v2", "subfolder": "sft"}},
     {"id": "commit", "fn": "load", "source": "user/multi", "kwargs": {"revision": "COMMIT:user/multi@v2"}},
     {"id": "private-no-token", "fn": "load", "source": "user/private"},
     {"id": "private-bad-token", "fn": "load", "source": "user/private", "kwargs": {"token": "hf_bad"}},
@@ -124,7 +125,8 @@ ONLINE = [
     {"id": "after-truncation", "fn": "load", "source": "user/trunc", "kwargs": {"cache_dir": "CACHE:trunc"}},
     {"id": "pickle-only", "fn": "load", "source": "user/pickle-only"},
     {"id": "renamed", "fn": "load", "source": "old/name"},
-    {"id": "merge", "fn": "merge", "source": "user/tiny-base", "kwargs": {"adapter": "user/adapter", "out": "OUT:online"}},
+    {"id": "merge", "fn": "merge", "source": "user/tiny-base",
+     "kwargs": {"adapter": "user/adapter", "out": "OUT:online"}},
 ]
 OFFLINE = [
     {"id": "warm", "fn": "load", "source": "user/adapter"},
@@ -133,7 +135,8 @@ OFFLINE = [
      "kwargs": {"revision": "v2", "subfolder": "sft"}},
     {"id": "cold", "fn": "load", "source": "user/adapter", "kwargs": {"cache_dir": "CACHE:cold"}},
     {"id": "cold-config", "fn": "config", "source": "user/adapter", "kwargs": {"cache_dir": "CACHE:cold"}},
-    {"id": "merge", "fn": "merge", "source": "user/tiny-base", "kwargs": {"adapter": "user/adapter", "out": "OUT:offline"}},
+    {"id": "merge", "fn": "merge", "source": "user/tiny-base",
+     "kwargs": {"adapter": "user/adapter", "out": "OUT:offline"}},
 ]
 
 
