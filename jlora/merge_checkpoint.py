@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 from .checkpoint import read_header, read_safetensors
 from .config import read_json
 from .errors import AdapterError, CheckpointError
-from .hub import resolve_file, resolve_folder
+from .hub import file_exists, resolve_file, resolve_folder
 from .load import place, read_adapter
 from .merge import merge
 from .torch_layout import nest_keys
@@ -69,7 +69,9 @@ def _base_files(base: str, revision: str | None, token: str | bool | None,
     folder = resolve_folder(base, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=WEIGHT_PATTERNS)
     on_hub = not Path(base).expanduser().is_dir()
     hub = dict(revision=folder.name, token=token, cache_dir=cache_dir)  # the snapshot's commit
-    if (folder / INDEX_NAME).is_file():
+    # as transformers: model.safetensors if there is one, else the shards of the index
+    single = file_exists(base, SINGLE_NAME, **hub) if on_hub else (folder / SINGLE_NAME).is_file()
+    if not single and (folder / INDEX_NAME).is_file():
         weight_map, metadata = _read_index(folder / INDEX_NAME)
         shards = sorted(set(weight_map.values()))
     else:

@@ -77,6 +77,8 @@ def test_merge_single_file_llama_matches_peft(llama_single, tmp_path, capsys):
     import transformers as tf
 
     base, adapter, merged = llama_single
+    stale = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}  # as transformers, ignored
+    (base / "model.safetensors.index.json").write_text(json.dumps(stale))  # when model.safetensors exists
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
