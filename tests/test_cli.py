@@ -6,8 +6,8 @@ import copy
 import json
 import os
 import subprocess
+import re
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +292,6 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_console_script_is_declared():
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, func = scripts["jlora"].partition(":")
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    module, func = re.search(r'^jlora = "([\w.]+):(\w+)"$', section, re.M).groups()  # tomllib needs 3.11
     assert module == "jlora.cli" and callable(getattr(jlora.cli, func))
