@@ -1,8 +1,10 @@
-"""Read ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies, bfloat16 included);
-write one tensor at a time.
+"""Read adapter weights: ``adapter_model.safetensors`` as memory-mapped numpy arrays (no copies,
+bfloat16 included), or, only when asked, PEFT's older pickled ``adapter_model.bin``; write
+safetensors one tensor at a time.
 
-The header is validated completely (offsets, sizes, dtypes, duplicates) before any tensor is
-touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
+The safetensors header is validated completely (offsets, sizes, dtypes, duplicates) before any
+tensor is touched, so a truncated or crafted file is a :class:`CheckpointError`, never a crash.
+The pickle is read with ``torch.load(weights_only=True)``, which runs no code from the file.
 
 Example:
     >>> tensors = read_safetensors("adapter/adapter_model.safetensors")
@@ -69,11 +71,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: header is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, over-long integers, absurd nesting
+        raise CheckpointError(f"{path}: header is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}"[:500])
     data_len = size - 8 - n
     problems, spans = [], []
     for key, entry in header.items():
@@ -86,7 +90,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
             if not all(isinstance(d, int) and not isinstance(d, bool) for d in (begin, end)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{key!r}: malformed entry {entry!r}")
+            problems.append(f"{key!r}: malformed entry {entry!r}"[:500])
+            continue
+        if int(np.prod([d for d in shape if d], dtype=object)) * dtype.itemsize >= 2**63:
+            problems.append(f"{key!r}: shape {list(shape)} is too large")
             continue
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if not 0 <= begin <= end <= data_len or end - begin != nbytes:
@@ -172,3 +179,49 @@ def _ieee(dtype: np.dtype) -> tuple[type, int, int] | None:
     uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
     exp_bits = bits - 1 - int(info.nmant)
     return uint, (1 << (bits - 1)) - 1, ((1 << exp_bits) - 1) << int(info.nmant)
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    reinterpret = {torch.bfloat16: (torch.int16, DTYPES["BF16"]),
+                   getattr(torch, "float8_e4m3fn", None): (torch.uint8, DTYPES["F8_E4M3"]),
+                   getattr(torch, "float8_e5m2", None): (torch.uint8, DTYPES["F8_E5M2"])}
+    if tensor.dtype in reinterpret:
+        raw, dtype = reinterpret[tensor.dtype]
+        return tensor.view(raw).numpy().view(dtype)
+    return tensor.numpy()
+
+
+def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a pickled ``adapter_model.bin``, read with ``torch.load(weights_only=True)``
+    (no code from the file runs). Needs torch.
+
+    Example:
+        >>> tensors = read_torch_pickle("old-adapter/adapter_model.bin")
+    """
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading a pickled adapter (allow_pickle=True) needs torch: install it "
+                              "(pip install torch), or convert the adapter to safetensors with PEFT") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (forbidden globals), RuntimeError/EOFError (corrupt)
+        raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, found {type(state).__name__}")
+    out, problems = {}, []
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            problems.append(f"{key!r}: expected a tensor name and a tensor, found {type(value).__name__}")
+            continue
+        try:
+            out[key] = _torch_to_numpy(value)
+        except (TypeError, RuntimeError) as err:
+            problems.append(f"{key!r}: dtype {value.dtype} cannot be read ({err})")
+    if problems:
+        raise CheckpointError(f"{path}: invalid adapter checkpoint", problems)
+    return out

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from .errors import ConfigError, UnsupportedAdapterError
 
 CONFIG_NAME = "adapter_config.json"
+MAX_RANK = 2**31 - 1  # larger ranks cannot be tensor dimensions of any real adapter
 
 # PEFT init modes that rewrite the base weights: the adapter file alone cannot reproduce them.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -170,8 +173,8 @@ def read_json(path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, over-long integers, absurd nesting
+        raise ConfigError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
 
@@ -181,7 +184,26 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    """A finite real number (not a bool) that fits a float."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _is_rank(x: Any) -> bool:
+    return _is_int(x) and 0 < x <= MAX_RANK
+
+
+def _regex_problem(field_name: str, pattern: str, template: str = "{}") -> str | None:
+    """Why ``pattern`` (used by PEFT inside ``template``) is not a valid regular expression, or None."""
+    try:
+        re.compile(template.format(pattern))
+    except (re.error, RecursionError, OverflowError, ValueError) as err:
+        return f"{field_name}: {pattern!r} is not a valid regular expression ({err})"[:300]
+    return None
 
 
 def _is_str_list(x: Any) -> bool:
@@ -191,10 +213,10 @@ def _is_str_list(x: Any) -> bool:
 def _validate(cfg: LoraConfig) -> list[str]:
     """Every problem of a config, not just the first."""
     p: list[str] = []
-    if not _is_int(cfg.r) or cfg.r <= 0:
-        p.append(f"r must be a positive integer, found {cfg.r!r}")
+    if not _is_rank(cfg.r):
+        p.append(f"r must be a positive integer (at most {MAX_RANK}), found {cfg.r!r}"[:300])
     if not _is_number(cfg.lora_alpha):
-        p.append(f"lora_alpha must be a number, found {cfg.lora_alpha!r}")
+        p.append(f"lora_alpha must be a finite number, found {cfg.lora_alpha!r}"[:300])
     for name in ("target_modules", "exclude_modules"):
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str) and not _is_str_list(v):
@@ -214,13 +236,16 @@ def _validate(cfg: LoraConfig) -> list[str]:
     lp = cfg.layers_pattern
     if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
         p.append(f"layers_pattern must be a string, a list of strings or null, found {lp!r}")
-    for name, check, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
-                              ("alpha_pattern", _is_number, "numbers")):
+    for name, check, what in (("rank_pattern", _is_rank, "positive integers"),
+                              ("alpha_pattern", _is_number, "finite numbers")):
         pat = getattr(cfg, name)
         if pat is None:
             setattr(cfg, name, {})
         elif not isinstance(pat, dict) or not all(isinstance(k, str) and check(v) for k, v in pat.items()):
-            p.append(f"{name} must map module-name patterns to {what}, found {pat!r}")
+            p.append(f"{name} must map module-name patterns to {what}, found {pat!r}"[:300])
+        else:
+            p.extend(filter(None, (_regex_problem(name, k, r"(.*\.)?({})$") for k in pat)))
+    p.extend(_regex_problems(cfg))
     tti = cfg.trainable_token_indices
     if tti is not None:
         ok = (isinstance(tti, list) and all(_is_int(i) and i >= 0 for i in tti)) or (
@@ -246,3 +271,17 @@ def _validate(cfg: LoraConfig) -> list[str]:
         raise UnsupportedAdapterError("this LoRA adapter uses PEFT features jlora does not implement",
                                       unsupported)
     return p
+
+
+def _regex_problems(cfg: LoraConfig) -> list[str]:
+    """Patterns that PEFT (and jlora's targeting) compile as regular expressions, checked up front."""
+    found = []
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(getattr(cfg, name), str):
+            found.append(_regex_problem(name, getattr(cfg, name)))
+    if isinstance(cfg.layers_pattern, str) or _is_str_list(cfg.layers_pattern):
+        lp = [cfg.layers_pattern] if isinstance(cfg.layers_pattern, str) else cfg.layers_pattern
+        found += [_regex_problem("layers_pattern", x, r"(?:^|.*?\.){}\.(\d+)\.") for x in lp]
+    if _is_str_list(cfg.modules_to_save):
+        found += [_regex_problem("modules_to_save", x, r"(^|.*\.){}($|\..*)") for x in cfg.modules_to_save]
+    return [f for f in found if f]

@@ -147,7 +147,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                 if is_trainable_param(config, t.name, stored_as):
                     trainable.append(mapping.flax_key)
             if "token_delta" in t.tensors.roles:
-                table = module["embedding"]
+                table = module[t.placement.kernel_key]
                 children[TOKEN_DELTA] = placer.put(tensors[t.tensors.roles["token_delta"]], table.dtype, base=table,
                                                    path=path + (TOKEN_DELTA,), axes=(None, 1),
                                                    key=t.tensors.roles["token_delta"])

@@ -202,6 +202,8 @@ class Layout:
         >>> layout = jlora.Layout([jlora.Rule(r"(?P<m>.+)", "{m}/kernel", "o i -> i o")], name="plain")
     """
 
+    tree_name = "Flax"  # how messages call the trees this layout reads
+
     def __init__(self, rules: Sequence[Rule], *, name: str | None = None, params: Mapping | None = None):
         self.rules = tuple(rules)
         self.name = name or "custom"
@@ -220,7 +222,7 @@ class Layout:
         """The name rules are matched against (hook for the hf layout's prefix handling)."""
         return name
 
-    def rules_for(self, name: str) -> Sequence[Rule]:
+    def rules_for(self, name: str, lora_kind: str | None = None) -> Sequence[Rule]:
         return self.rules
 
     # ---- placements ---------------------------------------------------------------------------
@@ -247,7 +249,7 @@ class Layout:
         (only replacement tensors: the module's own dict is used).
         """
         target = self.module_name(name)
-        for rule in self.rules_for(name):
+        for rule in self.rules_for(name, lora_kind):
             m = re.fullmatch(rule.match, target)
             if m is None:
                 continue
@@ -271,6 +273,14 @@ class Layout:
             path = self._module_path(name)
             return Placement(path, "none") if path is not None else None
         return None
+
+    def embedding_key(self, path: tuple) -> str | None:
+        """The key of the embedding table (V, D) of the module at ``path`` (trainable tokens), or None."""
+        return "embedding" if "embedding" in self._module(path) else None
+
+    def embedding_key(self, path: tuple) -> str | None:
+        """The key of the embedding table (V, D) of the module at ``path`` (trainable tokens), or None."""
+        return "embedding" if "embedding" in self._module(path) else None
 
     def _module(self, path: tuple) -> Mapping:
         node = self.params
@@ -310,7 +320,7 @@ class Layout:
 
     # ---- diagnostics --------------------------------------------------------------------------
     def closest(self, name: str, n: int = 3) -> list[str]:
-        """The Flax module paths that look most like PEFT module ``name``."""
+        """The module paths of the tree that look most like PEFT module ``name``."""
         paths = ["/".join(map(str, p)) for p, _ in iter_modules(self.params)]
         return difflib.get_close_matches(self.module_name(name).replace(".", "/"), paths, n=n, cutoff=0.4)
 
@@ -318,12 +328,12 @@ class Layout:
         hint = ""
         if name.split(".")[-1] in ("lm_head", "embed_out") and not any(
                 "lm_head" in map(str, p) for p, _ in iter_modules(self.params)):
-            hint = (" (this Flax model ties its output head to the input embedding, so it has no "
+            hint = (f" (this {self.tree_name} model ties its output head to the input embedding, so it has no "
                     "separate lm_head leaf; PEFT's lm_head adapter cannot be placed. Untie the head, "
                     "or drop lm_head from the adapter)")
         close = self.closest(name)
-        near = f"; closest Flax paths: {close}" if close else ""
-        return f"module {name!r} has no place in the Flax tree (layout {self.name!r}){hint}{near}"
+        near = f"; closest {self.tree_name} paths: {close}" if close else ""
+        return f"module {name!r} has no place in the {self.tree_name} tree (layout {self.name!r}){hint}{near}"
 
 
 def _placement_from_rule(rule: Rule, m: re.Match, path: tuple, leaf, kind: str) -> Placement | None:
@@ -408,11 +418,11 @@ class HfLayout(Layout):
         modes = [("exact",), ("strip",)] + [("add", k) for k in params if isinstance(k, str)]
         best, best_hits = ("exact",), -1
         for mode in modes:
-            cand = HfLayout(self.rules, name=self.name, params=params, prefix_mode=mode)
+            cand = type(self)(self.rules, name=self.name, params=params, prefix_mode=mode)
             hits = sum(cand._module_path(n) is not None for n in names)
             if hits > best_hits:
                 best, best_hits = mode, hits
-        return HfLayout(self.rules, name=self.name, params=params, prefix_mode=best)
+        return type(self)(self.rules, name=self.name, params=params, prefix_mode=best)
 
     def module_name(self, name: str) -> str:
         if self.prefix_mode[0] == "strip":
@@ -421,7 +431,7 @@ class HfLayout(Layout):
             return f"{self.prefix_mode[1]}.{name}"
         return name
 
-    def rules_for(self, name: str) -> Sequence[Rule]:
+    def rules_for(self, name: str, lora_kind: str | None = None) -> Sequence[Rule]:
         return (GPT2_RULE,) + self.rules if self.gpt2_style else self.rules
 
     def report_unused(self, names: Sequence[str]) -> list[Rule]:
@@ -429,9 +439,13 @@ class HfLayout(Layout):
 
 
 def get_layout(layout: Any) -> Layout:
-    """The layout object for ``layout`` ("hf" or a :class:`Layout`)."""
+    """The layout object for ``layout`` ("hf", "torch" or a :class:`Layout`)."""
     if isinstance(layout, str) and layout == "hf":
         return HfLayout()
+    if isinstance(layout, str) and layout == "torch":
+        from .torch_layout import TorchLayout  # a variant of HfLayout, in its own file
+
+        return TorchLayout()
     if isinstance(layout, Layout):
         return layout
-    raise AdapterError(f"unknown layout {layout!r}; use 'hf' or a jlora.Layout")
+    raise AdapterError(f"unknown layout {layout!r}; use 'hf', 'torch' or a jlora.Layout")

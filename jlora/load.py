@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors
+from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors, read_torch_pickle
 from .config import CONFIG_NAME, LoraConfig, read_json
 from .errors import AdapterError, CheckpointError, SourceError
 from .hub import file_exists, resolve_file
@@ -63,6 +64,7 @@ def load(
     layout: Any = "hf",
     dtype: Any = None,
     allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
     device: jax.Device | None = None,
     sharding: ShardingArg = None,
 ) -> dict:
@@ -73,7 +75,10 @@ def load(
 
     Returns a new tree in which every module the adapter changes is an ``AdaptedModule`` holding
     the base arrays (shared, not copied) plus ``lora_A``/``lora_B`` (and DoRA, bias, ... tensors).
-    ``params`` is not modified. LoRA factors are float32 unless ``dtype`` is given.
+    ``params`` is not modified. LoRA factors are float32 unless ``dtype`` is given. From the Hub, only
+    the adapter's two files are downloaded, into the Hugging Face cache (``HF_HUB_OFFLINE=1`` uses
+    the cache alone). An adapter that only has the pickled ``adapter_model.bin`` is refused unless
+    ``allow_pickle=True``, which reads it with ``torch.load(weights_only=True)`` (needs torch).
 
     Placement: each new leaf is read from the memory-mapped file straight into the devices that
     hold it. By default its sharding follows its base leaf (``lora_A`` the kernel's input axes,
@@ -93,21 +98,43 @@ def load(
             raise AdapterError("load: the dict of adapter sources is empty")
         params = as_param_tree(params)
         singles = {name: load(params, src, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-                              layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, device=device,
-                              sharding=sharding)
+                              layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                              device=device, sharding=sharding)
                    for name, src in source.items()}
         return stack_adapters(params, singles)
+    config, tensors, weights_path = read_adapter(source, revision=revision, subfolder=subfolder, token=token,
+                                                 cache_dir=cache_dir, allow_pickle=allow_pickle)
+    return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
+                 allow_nonfinite=allow_nonfinite, device=device, sharding=sharding)
+
+
+def read_adapter(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> tuple[LoraConfig, dict[str, np.ndarray], Path]:
+    """An adapter's files, parsed: ``(config, {PEFT key: array}, weights path)`` (see :func:`load`).
+
+    Example:
+        >>> config, tensors, path = read_adapter("user/repo")
+    """
     hub = dict(revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
     config_path = resolve_file(source, CONFIG_NAME, **hub)
     config = LoraConfig.from_dict(read_json(config_path), source=str(config_path))
     try:
         weights_path = resolve_file(source, WEIGHTS_NAME, **hub)
     except SourceError:
-        if file_exists(source, PICKLE_WEIGHTS_NAME, **hub):
+        if not file_exists(source, PICKLE_WEIGHTS_NAME, **hub):
+            raise
+        if not allow_pickle:
             raise CheckpointError(f"{source}: only {PICKLE_WEIGHTS_NAME} (a pickle) is present; jlora reads "
                                   f"{WEIGHTS_NAME}. Convert it with PEFT (save_pretrained(..., "
-                                  "safe_serialization=True))") from None
-        raise
-    tensors = read_safetensors(weights_path)
-    return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
-                 allow_nonfinite=allow_nonfinite, device=device, sharding=sharding)
+                                  "safe_serialization=True)), or pass allow_pickle=True to read it with "
+                                  "torch.load(weights_only=True) (needs torch)") from None
+        weights_path = resolve_file(source, PICKLE_WEIGHTS_NAME, **hub)
+        return config, read_torch_pickle(weights_path), weights_path
+    return config, read_safetensors(weights_path), weights_path

@@ -79,9 +79,10 @@ def _layer_first(children: dict, spec: ModuleSpec) -> dict:
 def with_token_rows(node: AdaptedModule, children: dict) -> dict:
     """Trainable tokens: the delta rows replace the embedding rows at the token indices."""
     if TOKEN_DELTA in node:
-        table = children["embedding"]
+        key = node.spec.kernel_key  # the embedding table
+        table = jnp.asarray(children[key])  # numpy tables too (wrap runs this outside jit)
         idx = jnp.asarray(node.spec.token_indices, dtype=jnp.int32)
-        children["embedding"] = table.at[idx].set(node[TOKEN_DELTA].astype(table.dtype))
+        children[key] = table.at[idx].set(node[TOKEN_DELTA].astype(table.dtype))
     return children
 
 

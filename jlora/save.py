@@ -1,10 +1,11 @@
 """``save(lora_params, out_dir)``: write the adapter back in PEFT's format, atomically.
 
 Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (PyTorch layouts, PEFT key names)
-that ``peft.PeftModel.from_pretrained`` loads with no missing or unexpected keys. Each file is
-written to a temporary name in ``out_dir`` and renamed into place, so a failure leaves any
-previous adapter there intact. Tensors are gathered to the host one module at a time (sharded
-trees included); in a multi-process run every process calls ``save`` and process 0 writes.
+that ``peft.PeftModel.from_pretrained`` loads with no missing or unexpected keys. Both files are
+first written completely to temporary names in ``out_dir`` (and flushed to disk), then renamed into
+place, so a failure while writing leaves any previous adapter there intact. Tensors are gathered to
+the host one module at a time (sharded trees included); in a multi-process run every process calls
+``save`` and process 0 writes.
 
 Example:
     >>> jlora.save(lora_params, "my-adapter")
@@ -13,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,20 @@ def _config_json(lora_params: Any) -> str:
     return configs.pop()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _write_temp(path: Path, write) -> str:
+    """``write(tmp)`` to a temporary file next to ``path``, flushed to disk; its name. Removed on failure."""
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode  # what the umask allows, as for open(); kept even if `write` replaces the file
     try:
         write(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
@@ -141,6 +146,17 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
             produce(key)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, entries, produce, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
+    writers = {WEIGHTS_NAME: lambda tmp: write_safetensors(tmp, entries, produce, metadata={"format": "pt"}),
+               CONFIG_NAME: lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8")}
+    temps: dict[str, str] = {}
+    try:  # both files complete before either replaces its old version
+        for name, write in writers.items():
+            temps[name] = _write_temp(out / name, write)
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+    except BaseException:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
     return out

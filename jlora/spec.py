@@ -102,6 +102,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
     groups = group_keys(tensors.keys(), source)
     problems: list[str] = []
     targets: list[Target] = []
+    tree_name = getattr(layout, "tree_name", "Flax")  # "Flax", "PyTorch": how messages call the tree
 
     def shape(key):
         return tuple(tensors[key].shape)
@@ -136,13 +137,13 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
 
         if has_lora:
             where = "/".join(map(str, placement.path + (placement.kernel_key,)))
-            found_leaf = f"Flax {placement.kernel_key} {list(module[placement.kernel_key].shape)} at {where}"
+            found_leaf = f"{tree_name} {placement.kernel_key} {list(module[placement.kernel_key].shape)} at {where}"
             a, b = shape(roles["lora_A"]), shape(roles["lora_B"])
             rank = module_rank(config, name)
             out_total = int(np.prod(placement.out_sizes))
             if a[:1] != (rank,) or b[1:2] != (rank,):
-                problems.append(f"{name}: rank {a[0]} (lora_A {list(a)}, lora_B {list(b)}) but the "
-                                f"config gives rank {rank}")
+                problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
+                                f"the config gives rank {rank}")
             if a[1:] != placement.a_tail:
                 problems.append(f"{roles['lora_A']}: shape {list(a)} does not fit the {found_leaf} "
                                 f"(expected input size {list(placement.a_tail)})")
@@ -165,7 +166,8 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         if "token_delta" in roles:
             indices = _token_indices(config, name)
             delta = shape(roles["token_delta"])
-            emb_table = module.get("embedding")
+            table_key = layout.embedding_key(placement.path)
+            emb_table = module[table_key] if table_key else None
             if indices is None:
                 problems.append(f"{roles['token_delta']}: trainable token delta in the file but the config's "
                                 "trainable_token_indices does not cover this module")
@@ -179,8 +181,10 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                 too_big = [i for i in indices if i >= emb_table.shape[0]]
                 if too_big:
                     problems.append(f"{name}: trainable token indices {too_big} exceed the vocabulary size "
-                                    f"{emb_table.shape[0]} of the Flax embedding")
+                                    f"{emb_table.shape[0]} of the {tree_name} embedding")
                 target.token_indices = indices
+                if placement.kind == "none":  # the table is the module's kernel for merging the rows
+                    target.placement = dataclasses.replace(placement, kernel_key=table_key)
 
         for stored_as, key in group.params.items():
             param = stored_as.rpartition(".")[2]
@@ -190,10 +194,11 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                                 f"for PyTorch {param!r} (has {sorted(map(str, module))})")
                 continue
             base = module[mapping.flax_key]
-            found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape
+            found = mapping.to_flax(np.empty(shape(key), np.bool_)).shape if len(shape(key)) == base.ndim else None
             if found != tuple(base.shape):
                 what = "vocabulary sizes differ (resized embeddings?): " if mapping.flax_key == "embedding" else ""
-                problems.append(f"{key}: {what}shape {list(shape(key))} (as Flax {list(found)}) does not match "
+                as_flax = f" (as {tree_name} {list(found)})" if found is not None and found != shape(key) else ""
+                problems.append(f"{key}: {what}shape {list(shape(key))}{as_flax} does not match "
                                 f"{'/'.join(map(str, placement.path + (mapping.flax_key,)))} {list(base.shape)}")
         targets.append(target)
 

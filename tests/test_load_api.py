@@ -88,3 +88,31 @@ def test_base_class_tree_without_prefix(tmp_path):
     model = tiny_llama()
     lp = jlora.load(model.params["model"], write_adapter(tmp_path / "a"))
     assert "lora_B" in lp["layers"]["0"]["self_attn"]["v_proj"]
+
+
+def test_place_merge_wrap_modify_nothing_with_replacements_dora_and_tokens():
+    """numpy params, numpy adapter tensors and the config all come back unchanged, also for the paths that
+    replace tensors (modules_to_save, trainable-token rows) and DoRA."""
+    model = tiny_llama()
+    params = jax.tree_util.tree_map(np.array, model.params)
+    tensors = llama_lora_tensors()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        for m, out in (("q_proj", 32), ("v_proj", 16)):
+            tensors[f"base_model.model.model.layers.{i}.self_attn.{m}.lora_magnitude_vector"] = (
+                1 + rng.random(out)).astype(np.float32)
+    tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = rng.standard_normal(
+        (2, 32)).astype(np.float32)
+    tensors["base_model.model.lm_head.weight"] = rng.standard_normal((64, 32)).astype(np.float32)
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                              trainable_token_indices={"embed_tokens": [1, 3]}, modules_to_save=["lm_head"])
+    before = (jax.tree_util.tree_map(np.copy, params), {k: v.copy() for k, v in tensors.items()}, config.to_json())
+    lp = jlora.place(params, config, tensors)
+    merged = jlora.merge(lp)
+    jlora.wrap(model.__call__)(np.array([[1, 2, 3]], np.int32), params=lp)
+    table = params["model"]["embed_tokens"]["embedding"]
+    assert not np.array_equal(merged["model"]["embed_tokens"]["embedding"][1], table[1])  # the token row merged
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before[0])):
+        np.testing.assert_array_equal(a, b)
+    assert tensors.keys() == before[1].keys() and all(np.array_equal(tensors[k], before[1][k]) for k in tensors)
+    assert config.to_json() == before[2]
