@@ -314,3 +314,38 @@ def test_save_from_a_sharded_tree(setup, tmp_path):
     eight = jlora.save(setup["lp_sharded"], tmp_path / "sharded") / "adapter_model.safetensors"
     assert one.read_bytes() == eight.read_bytes()
     assert one.read_bytes() == (setup["folder"] / "adapter_model.safetensors").read_bytes()
+
+
+def test_stacked_layers_keep_the_layer_axis_sharding(tmp_path):
+    """A scanned (MaxText-style) kernel (D, L, N, H) sharded over layers and heads: the stacked LoRA
+    leaves shard their layer axis like the kernel, and the wrapped scan gives the single-device output."""
+    from llama_variants import ScannedLlama
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64)
+    model = ScannedLlama(cfg)
+    ids = np.random.default_rng(0).integers(0, 64, (BATCH, SEQ)).astype(np.int32)
+    single = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), ids)["params"])
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    query = NamedSharding(mesh, P(None, "data", "model", None))  # (D, L, N, H): layers x heads
+    sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), single)
+    sharded["decoder"]["layers"]["attn"]["query"]["kernel"] = jax.device_put(
+        single["decoder"]["layers"]["attn"]["query"]["kernel"], query)
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for layer in range(2):
+        key = f"{PREFIX}model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = (0.2 * rng.standard_normal((R, 32))).astype(np.float32)
+        tensors[f"{key}.lora_B.weight"] = (0.2 * rng.standard_normal((32, R))).astype(np.float32)
+    folder = write_adapter(tmp_path / "a", {"peft_type": "LORA", "r": R, "lora_alpha": R,
+                                            "target_modules": ["q_proj"]}, tensors)
+    layout = jlora.Layout([jlora.Rule(r"model\.layers\.(?P<layer>\d+)\.self_attn\.q_proj",
+                                      "decoder/layers/attn/query/kernel", "(n h) i -> i layer n h")])
+    lp = jlora.load(sharded, folder, layout=layout)
+    node = lp["decoder"]["layers"]["attn"]["query"]
+    assert node["lora_A"].sharding.spec == P(None, "data", None)  # (D, L, R)
+    assert node["lora_B"].sharding.spec == P(None, "data", "model", None)  # (R, L, N, H)
+    assert node["lora_scale"].sharding.spec == P(None, "data", None)
+    forward = jax.jit(jlora.wrap(model.apply))
+    want = forward({"params": jlora.load(single, folder, layout=layout)}, ids)
+    np.testing.assert_allclose(forward({"params": lp}, ids), want, rtol=1e-5, atol=1e-5)
