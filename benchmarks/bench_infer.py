@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import check, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
+from common import aa_noise, check, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
 
 CPU_MODEL = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1376, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=1024, max_position_embeddings=2048)
@@ -118,7 +118,7 @@ def run(quick: bool = False, *, model_kwargs: dict | None = None, r: int = 16, f
     err_wrap = rel(f_wrap(jnp.asarray(ids16), lp), want)
     err_merged = rel(f_base(jnp.asarray(ids16), merged), want)
 
-    plan = [(1, 9, 0.03), (256, 5, 0.1)] if quick else [(1, 21, 0.03), (16, 21, 0.03), (256, 11, 0.1), (2048, 5, 0.0)]
+    plan = [(1, 9, 0.03), (256, 5, 0.1)] if quick else [(1, 25, 0.02), (16, 25, 0.02), (256, 13, 0.05), (2048, 5, 0.0)]
     results = {}
     for T, rounds, min_sample in plan:
         ids = jnp.asarray(np.random.default_rng(T).integers(0, cfg.vocab_size, (1, T)), jnp.int32)
@@ -150,7 +150,7 @@ def run(quick: bool = False, *, model_kwargs: dict | None = None, r: int = 16, f
             torch_fns["PEFT body"] = tcall(p_body)
         # JAX and torch timed in separate phases: their worker threads spin after each call and would
         # steal the cores from the other framework's next call
-        samples = interleaved(jax_fns, rounds=rounds, warmup=2, min_sample_s=min_sample, seed=T)
+        samples = interleaved(jax_fns, rounds=rounds, warmup=1 if T >= 2048 else 2, min_sample_s=min_sample, seed=T)
         samples.update(interleaved(torch_fns, rounds=max(3, rounds // 2 + 1) if T >= 256 else rounds,
                                    warmup=1 if T >= 256 else 2, min_sample_s=min_sample, seed=T))
         floors = {}
@@ -174,8 +174,9 @@ def run(quick: bool = False, *, model_kwargs: dict | None = None, r: int = 16, f
 
     targets, ratio_rows, time_rows = {}, [], []
     for T, res in results.items():
-        tw = check(res["wrap/base"]["median"], 1.10 if T == 1 else 1.05) if T == 1 or T >= 256 else None
-        tm = check(res["merged/base"]["median"], 1.02)
+        noise = aa_noise(res["merged/base"])
+        tw = check(res["wrap/base"]["median"], 1.10 if T == 1 else 1.05, noise=noise) if T == 1 or T >= 256 else None
+        tm = check(res["merged/base"]["median"], 1.02, noise=noise)
         if tw:
             targets[f"wrap_T{T}"] = tw
         targets[f"merged_T{T}"] = tm
@@ -214,6 +215,8 @@ def run(quick: bool = False, *, model_kwargs: dict | None = None, r: int = 16, f
         "- *merged / base* runs the very same compiled executable as base (same shapes), only with the merged "
         "values: its distance from 1.000 is this machine's measurement noise, and merged models run at exactly the "
         "base model's speed by construction.",
+        "Verdicts closer to the limit than the A/A noise (its bias from 1 or half its interquartile range) are "
+        "marked not conclusive.",
         "- PEFT/torch ratios use fewer rounds at T >= 256 (torch is slow here); they are the noisiest numbers.",
         "- body = decoder layers + final norm (FlaxLlamaModel / LlamaModel): no lm_head; the embedding lookup is "
         "a gather and costs next to nothing. Not run at T=2048, where the lm_head is ~1% of the work.",

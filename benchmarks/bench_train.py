@@ -49,7 +49,7 @@ def run(quick: bool = False) -> dict:
     import jlora
 
     batch, T = 4, 256
-    rounds, torch_rounds = (3, 2) if quick else (9, 3)  # torch steps are slow here: fewer rounds
+    rounds, torch_rounds = (3, 2) if quick else (7, 3)  # torch steps are slow here: fewer rounds
     tmp = Path(tempfile.mkdtemp(prefix="jlora-bench-train-"))
     cfg, tbase, _, fm, _, adapter = build(tmp, CPU_MODEL, 16)
     params = fm.params

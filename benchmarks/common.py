@@ -88,11 +88,13 @@ def median_s(samples: dict[str, list[float]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 # targets
 
-def check(value: float, limit: float, *, kind: str = "<=") -> dict[str, Any]:
+def check(value: float, limit: float, *, kind: str = "<=", noise: float | None = None) -> dict[str, Any]:
     """``{"met": bool, "text": ...}`` for ``value <= limit`` (kind "<=") or ``value >= limit`` (">=").
 
     A missed ``<=`` target is quantified by the excess over the limit (1.21 vs <= 1.10: "missed by
     0.110"), or as a multiple of the limit when far over; a missed ``>=`` target by the factor to gain.
+    ``noise``: the measurement's resolution (from an A/A control); verdicts closer to the limit than
+    that say so.
     """
     if kind == "<=":
         met = value <= limit
@@ -102,7 +104,15 @@ def check(value: float, limit: float, *, kind: str = "<=") -> dict[str, Any]:
     else:
         met = value >= limit
         text = "met" if met else f"MISSED: {value:.1f}x vs >= {limit:g}x (needs {limit / value:.1f}x more)"
-    return {"met": bool(met), "text": text, "value": value, "limit": limit, "kind": kind}
+    close = noise is not None and abs(value - limit) <= noise
+    if close:
+        text += f" (within the A/A noise, +-{noise:.3f}: not conclusive)"
+    return {"met": bool(met), "text": text, "value": value, "limit": limit, "kind": kind, "conclusive": not close}
+
+
+def aa_noise(r: dict[str, float]) -> float:
+    """Resolution of a ratio measurement from an A/A control (identical work): its bias or half its IQR."""
+    return max(abs(r["median"] - 1.0), (r["q3"] - r["q1"]) / 2)
 
 
 def fmt_ratio(r: dict[str, float], with_min: bool = True) -> str:
