@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SelfTimed, check, fmt_bytes, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
+from common import SelfTimed, check, now, fmt_bytes, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -129,9 +129,9 @@ def run(quick: bool = False) -> dict:
 
     def peft_load(**kw):
         def go():
-            t0 = time.perf_counter()
+            t0 = now()
             pm = peft.PeftModel.from_pretrained(state["model"], str(folder), **kw)
-            took = time.perf_counter() - t0
+            took = now() - t0
             state["model"] = pm.unload()  # back to the plain base model, untimed
             return SelfTimed(took)
         return go

@@ -44,14 +44,28 @@ class SelfTimed(float):
     """Returned by a variant that timed its own critical part (setup/cleanup excluded); seconds."""
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = os.environ.get("JLORA_BENCH_CLOCK", "wall")
+
+
+def now() -> float:
+    """The benchmark clock (``JLORA_BENCH_CLOCK``: "wall", the default, or "cpu")."""
+    return CLOCKS[CLOCK]()
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 2, min_sample_s: float = 0.05,
-                inner: int | None = None, seed: int = 0) -> dict[str, list[float]]:
+                inner: int | None = None, seed: int = 0, clock: str | None = None) -> dict[str, list[float]]:
     """Seconds per call of every variant, one sample per round each, variants in shuffled order per round.
 
     Each ``fn`` must block until its result is ready. ``inner`` calls per sample (the same for all
     variants, chosen from the slowest variant when not given) average out timer granularity. A ``fn``
     that returns :class:`SelfTimed` is credited with that time instead of its wall time.
+
+    ``clock``: "wall" (default; ``JLORA_BENCH_CLOCK`` overrides) or "cpu" (this process's CPU time: time
+    stolen by other processes on a busy machine is not counted; meaningful when pinned to one core,
+    since with more threads it also counts their spin-waiting).
     """
+    tick = CLOCKS[clock or CLOCK]
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -64,12 +78,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int =
         rng.shuffle(order)
         for name in order:
             fn = fns[name]
-            t0 = time.perf_counter()
+            t0 = tick()
             own = 0.0
             for _ in range(inner):
                 out = fn()
                 own = own + out if own is not None and isinstance(out, SelfTimed) else None
-            wall = time.perf_counter() - t0
+            wall = tick() - t0
             samples[name].append((own if own is not None else wall) / inner)
     return samples
 

@@ -27,11 +27,12 @@ from common import ROOT, machine, table  # noqa: E402
 SECTIONS = {"load": "bench_load", "infer": "bench_infer", "train": "bench_train"}
 
 
-def run_section(name: str, quick: bool, cores: int | None = None) -> dict:
+def run_section(name: str, quick: bool, cores: int | None = None, clock: str = "wall") -> dict:
     """Run one section in a child process; returns its result dict (or an error record)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+                   JLORA_BENCH_CLOCK=clock)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", str(out)] + (["--quick"] if quick else [])
         cmd += ["--cores", str(cores)] if cores else []
         t0 = time.perf_counter()
@@ -75,6 +76,9 @@ def render(results: dict[str, dict], info: dict, quick: bool, total_s: float) ->
             summary.append([res["title"], key, t["text"]])
     v = info["versions"]
     cores_flag = f" --cores {info['cores_used']}" if info["cores_used"] != info["cores"] else ""
+    cores_flag += " --clock cpu" if info["clock"] == "cpu" else ""
+    clock_text = ("process CPU time (time taken by other processes on the shared cores is not counted)"
+                  if info["clock"] == "cpu" else "wall-clock time")
     lines = [
         "# jlora benchmark results" + (" (quick sanity run)" if quick else ""),
         "",
@@ -87,7 +91,7 @@ def render(results: dict[str, dict], info: dict, quick: bool, total_s: float) ->
         f"{v['safetensors']}, numpy {v['numpy']}.",
         f"- The machine is shared: 1-minute load average {info['loadavg_start'][0]:.1f} at the start"
         + "".join(f", {r['loadavg_end'][0]:.1f} after {k}" for k, r in results.items()) +
-        f" ({info['cores']} cores). Absolute times are noisy; every ratio is taken between variants run side by side "
+        f" ({info['cores']} cores). Times are {clock_text}. Absolute times are noisy; every ratio is taken between variants run side by side "
         "(interleaved, shuffled order each round) and is the median of the per-round ratios, shown as "
         "`median [quartiles] (ratio of the fastest samples)`.",
         "",
@@ -112,6 +116,8 @@ def main() -> int:
                         "or RESULTS-quick.md with --quick)")
     parser.add_argument("--cores", type=int, default=None, help="pin each section to its first N cores "
                         "(default: all; on a busy shared machine 1 core gives steadier ratios)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time (default) or this "
+                        "process's CPU time (not counting time other processes take; use with --cores 1)")
     parser.add_argument("--json-out", type=Path, default=None, help="raw samples as JSON (default: next to the results file)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -127,9 +133,10 @@ def main() -> int:
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; choose from {sorted(SECTIONS)}")
         print(f"== {name} ==", flush=True)
-        results[name] = run_section(name, args.quick, args.cores)
+        results[name] = run_section(name, args.quick, args.cores, args.clock)
         print(f"\n## {results[name]['title']}\n\n{results[name]['markdown']}\n", flush=True)
     info["cores_used"] = args.cores or info["cores"]
+    info["clock"] = args.clock
     text = render(results, info, args.quick, time.perf_counter() - t0)
     out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     out.write_text(text)
