@@ -118,7 +118,7 @@ def run(quick: bool = False, *, model_kwargs: dict | None = None, r: int = 16, f
     err_wrap = rel(f_wrap(jnp.asarray(ids16), lp), want)
     err_merged = rel(f_base(jnp.asarray(ids16), merged), want)
 
-    plan = [(1, 9, 0.03), (256, 5, 0.1)] if quick else [(1, 25, 0.02), (16, 25, 0.02), (256, 13, 0.05), (2048, 5, 0.0)]
+    plan = [(1, 9, 0.03), (256, 5, 0.1)] if quick else [(1, 31, 0.02), (16, 31, 0.02), (256, 17, 0.05), (2048, 9, 0.0)]
     results = {}
     for T, rounds, min_sample in plan:
         ids = jnp.asarray(np.random.default_rng(T).integers(0, cfg.vocab_size, (1, T)), jnp.int32)

@@ -83,7 +83,7 @@ def run(quick: bool = False) -> dict:
     cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
     r = 64
-    rounds, peft_rounds = (3, 2) if quick else (11, 3)
+    rounds, peft_rounds = (3, 2) if quick else (15, 5)
     tmp = Path(tempfile.mkdtemp(prefix="jlora-bench-load-"))
     folder = make_adapter(tmp / "adapter", cfg, r)
     path = folder / "adapter_model.safetensors"

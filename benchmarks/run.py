@@ -99,7 +99,9 @@ def render(results: dict[str, dict], info: dict, quick: bool, total_s: float) ->
         "",
         table(["section", "target", "result"], summary),
         "",
-        "Why the missed targets are missed, with measurements: see `benchmarks/DIAGNOSIS.md`.",
+        "Why the missed targets are missed, with measurements: see `benchmarks/DIAGNOSIS.md`."
+        + ("" if info["clock"] == "cpu" else " A low-noise cross-check of the same benchmarks (one core, process "
+           "CPU time): `python benchmarks/run.py --cores 1 --clock cpu --out benchmarks/RESULTS-1core.md`."),
         "",
     ]
     for res in results.values():
