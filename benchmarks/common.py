@@ -113,7 +113,8 @@ def check(value: float, limit: float, *, kind: str = "<=", noise: float | None =
     if kind == "<=":
         met = value <= limit
         over = value / limit
-        text = "met" if met else (f"MISSED by {value - limit:.3f} ({value:.3f} vs <= {limit:g})" if over < 1.5 else
+        by = f"{value - limit:.3f}" if value - limit >= 0.0005 else "<0.001"
+        text = "met" if met else (f"MISSED by {by} ({value:.3f} vs <= {limit:g})" if over < 1.5 else
                                   f"MISSED: {value:.2f} vs <= {limit:g} ({over:.1f}x the limit)")
     else:
         met = value >= limit

@@ -1,6 +1,6 @@
 """Where the time goes for the targets benchmarks/run.py reports as missed (evidence for DIAGNOSIS.md).
 
-    python benchmarks/diagnose.py [--steady] [load] [ops] [layer] [hfuse] [model] [cast] [aa] [host] [train] [profile]   (default: all)
+    python benchmarks/diagnose.py [--steady] [load] [loadfloor] [ops] [layer] [hfuse] [model] [cast] [aa] [host] [train] [profile]   (default: all)
 
 ``--steady``: pin to one core and time with this process's CPU time (on a busy shared machine this
 removes most of the noise other processes add; ratios then describe single-threaded execution).
@@ -25,7 +25,7 @@ if STEADY:  # before jax/torch size their thread pools, and before common reads 
     os.environ["JLORA_BENCH_CLOCK"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table  # noqa: E402
+from common import fmt_ratio, fmt_time, interleaved, median_s, now, paired_ratio, table  # noqa: E402
 
 
 def section(title: str) -> None:
@@ -88,9 +88,29 @@ def diag_load() -> None:
                                                    for s, m in zip(stages, med)]))
         print()
 
-    # prototypes. XLA:CPU transposes are slow (a jitted transpose+cast of all factors took ~6x a plain
-    # cast), so the transposes stay on the host (in bf16, half the bytes) or disappear (factors kept in
-    # PEFT's (r, in) / (out, r) layout, contracted on the other axis by dot_general in the side path)
+    # inside inject: the host conversion vs the host -> device copy (and a zero-copy hand-over instead)
+    mm0 = read_safetensors(path)
+    keys0 = sorted(mm0)
+    split = {"host cast + transpose (np.asarray(a.T, float32))": [], "jnp.asarray copy to the device": [],
+             "jax.dlpack.from_dlpack instead (zero-copy)": []}
+    for i in range(9):
+        t0 = now()
+        host = [np.asarray(mm0[k].T, dtype=np.float32) for k in keys0]
+        t1 = now()
+        dev = jax.block_until_ready([jnp.asarray(h) for h in host]) if i % 2 else None
+        t2 = now()
+        dl = jax.block_until_ready([jax.dlpack.from_dlpack(h) for h in host]) if not i % 2 else None
+        t3 = now()
+        split["host cast + transpose (np.asarray(a.T, float32))"].append(t1 - t0)
+        (split["jnp.asarray copy to the device"] if i % 2 else split["jax.dlpack.from_dlpack instead (zero-copy)"]).append(
+            t2 - t1 if i % 2 else t3 - t2)
+        del host, dev, dl
+    print("Inside inject (default float32), all 224 factors, median of repeated runs:\n")
+    print(table(["step", "median"], [[k, fmt_time(float(np.median(v[1:] if len(v) > 4 else v)))] for k, v in split.items()]))
+    print()
+
+    # prototypes. (Tried and dropped: transposes inside a jit on the device, and one batched
+    # jax.device_put of the host arrays: both slower than jlora.load here; XLA:CPU transposes are slow.)
     tensors_mm = read_safetensors(path)
     keys = sorted(tensors_mm)
 
@@ -106,10 +126,6 @@ def diag_load() -> None:
             raise ValueError("non-finite")
         return out
 
-    def proto_host_t():  # bf16 transposes on the host, transfer bf16, cast + finite check in one jit
-        mm = read_safetensors(path)
-        return finish([jnp.asarray(np.ascontiguousarray(mm[k].T)) for k in keys])
-
     def proto_peft_layout():  # no transposes at all: PEFT's layout kept
         mm = read_safetensors(path)
         return finish([jnp.asarray(mm[k]) for k in keys])
@@ -122,17 +138,16 @@ def diag_load() -> None:
         finally:
             torch.set_num_threads(n)
 
-    def proto_batched():  # jlora's host conversion, finite check on the converted arrays, one batched transfer
+    def proto_dlpack():  # jlora's host conversion, finite check on its result, arrays handed over without a copy
         mm = read_safetensors(path)
         host = [np.asarray(mm[k].T, dtype=np.float32) for k in keys]
         if not all(np.isfinite(h).all() for h in host):
             raise ValueError("non-finite")
-        return jax.block_until_ready(jax.device_put(host))
+        return jax.block_until_ready([jax.dlpack.from_dlpack(h) for h in host])  # zero-copy on CPU
 
     fns = {"floor": floor, "jlora.load": lambda: jax.block_until_ready(jlora.load(params, folder)),
-           "prototype: host cast+T as now, finite check on the result, one jax.device_put(list)": proto_batched,
+           "prototype: host cast+T as now, finite check on its result, jax.dlpack.from_dlpack (no copy)": proto_dlpack,
            "jlora.load(dtype=bf16)": lambda: jax.block_until_ready(jlora.load(params, folder, dtype=jnp.bfloat16)),
-           "prototype: host bf16 transposes + device cast/check in one jit": proto_host_t,
            "prototype: PEFT layout kept (no transposes) + device cast/check": proto_peft_layout}
     samples = interleaved(fns, rounds=9, warmup=1, inner=1)
     med = median_s(samples)
@@ -141,12 +156,72 @@ def diag_load() -> None:
                 [[k, fmt_time(med[k]), fmt_ratio(paired_ratio(samples, k, "floor"))] for k in fns]))
     # the prototype's arrays are jlora's
     lp = jlora.load(params, folder)
-    out = proto_host_t()
+    out = proto_dlpack()
     node = lp["model"]["layers"]["3"]["mlp"]["down_proj"]
     base = "base_model.model.model.layers.3.mlp.down_proj"
     same = all(bool(np.array_equal(np.asarray(out[keys.index(f"{base}.{k}.weight")]), np.asarray(node[k])))
                for k in ("lora_A", "lora_B"))
     print(f"\n(prototype output equals jlora.load's, layer 3 down_proj A and B: {same})")
+
+
+# ------------------------------------------------------------------------------------------------
+# load, continued: the cost of writing the output at all, and where target resolution spends its time
+
+def diag_loadfloor() -> None:
+    import cProfile
+    import pstats
+
+    import jax.numpy as jnp
+    import numpy as np
+    from transformers import LlamaConfig
+
+    from bench_load import flax_params, make_adapter
+    from jlora.checkpoint import read_safetensors
+    from jlora.config import LoraConfig, read_json
+    from jlora.layout import get_layout
+    from jlora.spec import build_targets, group_keys
+
+    section("loadfloor: writing the output's bytes to fresh memory (what any load must do at least once)")
+    rows = []
+    for label, nbytes in (("float32 factors (2x the file)", 146.8e6), ("bf16 factors (the file's bytes)", 73.4e6)):
+        n = int(nbytes // 4)
+        runs = []
+        for _ in range(9):
+            t0 = now()
+            np.empty(n, np.float32).fill(1.0)  # fresh pages each time (large allocations are mmap'd)
+            runs.append(now() - t0)
+        rows.append([label, fmt_time(float(np.median(runs[1:])))])
+    print(table(["fresh write of", "median"], rows))
+
+    section("loadfloor: target resolution under cProfile (group_keys + bind + build_targets, 5 calls)")
+    cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    folder = make_adapter(Path(tempfile.mkdtemp()) / "a", cfg, 64)
+    path = folder / "adapter_model.safetensors"
+    params = flax_params(cfg, jnp.bfloat16)
+    config = LoraConfig.from_dict(read_json(folder / "adapter_config.json"))
+    tensors = read_safetensors(path)
+
+    def resolve():
+        names = list(group_keys(tensors.keys(), str(path)))
+        return build_targets(config, tensors, get_layout("hf").bind(params, names), str(path))
+
+    resolve()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(5):
+        resolve()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    total = max(v[3] for k, v in stats.stats.items() if k[2] == "resolve")
+    rows = []
+    for (file, line, func), v in stats.stats.items():
+        if "jlora" in file and func in ("bind", "__init__", "iter_modules", "build_targets", "group_keys", "_find", "place"):
+            rows.append([f"{Path(file).name}:{line} {func}", v[0], f"{100 * v[3] / total:.0f}%"])
+    rows.sort(key=lambda r: -float(r[2][:-1]))
+    print(table(["function (cumulative)", "calls", "share of resolution time"], rows))
+    print("\n(layout.py __init__ is HfLayout.__init__: it walks the whole params tree with iter_modules to set "
+          "gpt2_style, and bind() builds one HfLayout per candidate prefix mode.)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -718,7 +793,7 @@ def diag_profile() -> None:
 def main() -> int:
     import warnings
     warnings.filterwarnings("ignore")
-    which = [a for a in sys.argv[1:] if not a.startswith("--")] or ["load", "ops", "layer", "hfuse", "model", "cast", "aa", "host", "train", "profile"]
+    which = [a for a in sys.argv[1:] if not a.startswith("--")] or ["load", "loadfloor", "ops", "layer", "hfuse", "model", "cast", "aa", "host", "train", "profile"]
     print(f"clock: {os.environ.get('JLORA_BENCH_CLOCK', 'wall')}, cores: {sorted(os.sched_getaffinity(0))}, "
           f"load average {os.getloadavg()[0]:.1f}")
     for name in which:
