@@ -42,11 +42,12 @@ _NUMPY_FLOATS = tuple(DTYPES[k] for k in ("F64", "F32", "F16"))
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        dupes = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
         raise CheckpointError(f"duplicate tensor names in the safetensors header: {dupes}")
-    return dict(pairs)
+    return out
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
-from .errors import UnsupportedAdapterError
+from .errors import AdapterError, UnsupportedAdapterError
 from .layout import Layout
 from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
@@ -33,9 +33,19 @@ _SUFFIXES = {
 }
 
 
-def _factors(targets: list[Target], tensors, kernel_shape: tuple) -> tuple[dict, list[FactorSource]]:
+def _pad(x: np.ndarray, axis: int, width: int | None) -> np.ndarray:
+    """``x`` zero-padded along its rank ``axis`` to ``width`` columns (as is when None or equal)."""
+    if width is None or x.shape[axis] == width:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, width - x.shape[axis])
+    return np.pad(x, pads)
+
+
+def _factors(targets: list[Target], tensors, kernel_shape: tuple,
+             pad_rank: int | None = None) -> tuple[dict, list[FactorSource]]:
     """Stored factors (and DoRA/bias vectors) for all targets of one kernel, as host arrays (views of
-    the file where possible)."""
+    the file where possible), each part's block of rank columns ``pad_rank`` wide if given."""
     first = targets[0].placement
     kind = first.kind
     a_list = [first.a_to_canonical(np.asarray(tensors[t.tensors.roles["lora_A"]])) for t in targets]
@@ -43,7 +53,8 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple) -> tuple[dict,
     simple = len(targets) == 1 and not first.stacked and not first.fused
     if simple:
         t = targets[0]
-        children = {LORA_A: a_list[0], LORA_B: b_list[0]}
+        children = {LORA_A: _pad(a_list[0], -1, pad_rank), LORA_B: _pad(b_list[0], 0, pad_rank),
+                    RANK_SCALE: np.asarray(t.scale, np.float32)}
         for role, child in (("magnitude", MAGNITUDE), ("lora_bias", LORA_BIAS)):
             if role in t.tensors.roles:
                 children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
@@ -53,7 +64,8 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple) -> tuple[dict,
 
     # stacked and/or fused: blocks of rank columns per part, layers along a leading axis for now
     parts = sorted({t.placement.part or 0 for t in targets})
-    width = {p: max(a.shape[-1] for a, t in zip(a_list, targets) if (t.placement.part or 0) == p) for p in parts}
+    width = {p: pad_rank or max(a.shape[-1] for a, t in zip(a_list, targets) if (t.placement.part or 0) == p)
+             for p in parts}
     offsets, total = {}, 0
     for p in parts:
         offsets[p], total = total, total + width[p]
@@ -98,14 +110,27 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple) -> tuple[dict,
     return children, sources
 
 
+def _check_pad_rank(targets: list[Target], tensors, pad_rank: int | None) -> None:
+    if pad_rank is None:
+        return
+    if isinstance(pad_rank, bool) or not isinstance(pad_rank, int) or pad_rank < 1:
+        raise AdapterError(f"pad_rank must be a positive int, found {pad_rank!r}")
+    too_wide = [f"{t.name}: rank {tensors[t.tensors.roles['lora_A']].shape[0]}" for t in targets
+                if "lora_A" in t.tensors.roles and tensors[t.tensors.roles["lora_A"]].shape[0] > pad_rank]
+    if too_wide:
+        raise AdapterError(f"pad_rank={pad_rank} is smaller than these modules' ranks", too_wide)
+
+
 def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], targets: list[Target],
-           layout: Layout, *, dtype=None, placer: Placer | None = None) -> dict:
+           layout: Layout, *, dtype=None, placer: Placer | None = None, pad_rank: int | None = None) -> dict:
     """A new tree: ``params`` with each target's module dict replaced by an :class:`AdaptedModule`.
 
     LoRA factors are stored in ``dtype`` (default float32, as PEFT keeps adapters); replacement
     tensors (modules_to_save, biases, trainable-token rows) in the dtype of the leaf they replace.
     ``placer`` decides where each new leaf lives (default: derived from the base leaves' shardings).
+    ``pad_rank``: zero-pad every module's rank axis (each part's block, for fused kernels) to this width.
     """
+    _check_pad_rank(targets, tensors, pad_rank)
     adapter_dtype = np.dtype(jnp.dtype(dtype or jnp.float32))
     placer = placer or Placer()
     config_json = config.to_json()
@@ -129,11 +154,12 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             for t in lora if combined else ():  # built from several tensors: check those before combining
                 for key in (t.tensors.roles[r] for r in roles.values() if r in t.tensors.roles):
                     placer.check_values(tensors[key], key)
-            factors, sources = _factors(lora, tensors, tuple(kernel.shape))
+            factors, sources = _factors(lora, tensors, tuple(kernel.shape), pad_rank)
             for child, value in factors.items():  # simple modules: checked shard by shard as placed
+                from_file = not combined and child != RANK_SCALE
                 children[child] = placer.put(value, np.float32 if child == RANK_SCALE else adapter_dtype,
-                                             path=path + (child,), base=kernel, checked=combined,
-                                             key="" if combined else lora[0].tensors.roles[roles[child]],
+                                             path=path + (child,), base=kernel, checked=not from_file,
+                                             key=lora[0].tensors.roles[roles[child]] if from_file else "",
                                              axes=lora_axes(child, first.in_ndim, first.kernel_perm, first.layer_axis,
                                                             value.ndim))
             trainable += [k for k in factors if k != RANK_SCALE]
@@ -153,11 +179,9 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                                                    key=t.tensors.roles["token_delta"])
                 trainable.append(TOKEN_DELTA)
                 file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
-        single = sources[0] if len(sources) == 1 and RANK_SCALE not in children else None
         spec = ModuleSpec(
             peft_name=group[0].name,
             kind=first.kind if lora else "none",
-            scale=float(lora[0].scale) if single else 1.0,
             kernel_key=first.kernel_key,
             in_ndim=first.in_ndim,
             kernel_perm=first.kernel_perm,

@@ -406,23 +406,25 @@ class HfLayout(Layout):
     """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first."""
 
     def __init__(self, rules: Sequence[Rule] = HF_RULES, *, name: str | None = "hf", params: Mapping | None = None,
-                 prefix_mode: tuple = ("exact",)):
+                 prefix_mode: tuple = ("exact",), gpt2_style: bool | None = None):
         super().__init__(rules, name=name or "hf", params=params)
         self.prefix_mode = prefix_mode
-        self.gpt2_style = params is not None and any(
-            p[-2:] == ("attn", "c_attn") for p, _ in iter_modules(params))
+        if gpt2_style is None:  # GPT-2's Conv1D kernels are (out, in): found by its attention naming
+            gpt2_style = params is not None and any(p[-2:] == ("attn", "c_attn") for p, _ in iter_modules(params))
+        self.gpt2_style = gpt2_style
 
     def bind(self, params: Mapping, names: Sequence[str] = ()) -> "HfLayout":
         """This layout for ``params``, with the base-prefix convention that fits ``names`` best."""
         _check_tree(params)
         modes = [("exact",), ("strip",)] + [("add", k) for k in params if isinstance(k, str)]
         best, best_hits = ("exact",), -1
+        gpt2_style = type(self)(self.rules, name=self.name, params=params).gpt2_style  # one walk of the tree
         for mode in modes:
-            cand = type(self)(self.rules, name=self.name, params=params, prefix_mode=mode)
+            cand = type(self)(self.rules, name=self.name, params=params, prefix_mode=mode, gpt2_style=gpt2_style)
             hits = sum(cand._module_path(n) is not None for n in names)
             if hits > best_hits:
                 best, best_hits = mode, hits
-        return type(self)(self.rules, name=self.name, params=params, prefix_mode=best)
+        return type(self)(self.rules, name=self.name, params=params, prefix_mode=best, gpt2_style=gpt2_style)
 
     def module_name(self, name: str) -> str:
         if self.prefix_mode[0] == "strip":

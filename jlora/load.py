@@ -36,7 +36,7 @@ def _check_dtypes(tensors: Mapping[str, np.ndarray], source: str) -> None:
 
 def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], *, layout: Any = "hf",
           dtype: Any = None, source: str = WEIGHTS_NAME, allow_nonfinite: bool = False,
-          device: jax.Device | None = None, sharding: ShardingArg = None) -> dict:
+          device: jax.Device | None = None, sharding: ShardingArg = None, pad_rank: int | None = None) -> dict:
     """Place an adapter given as a config and ``{peft key: array}`` onto ``params`` (see :func:`load`
     for ``device`` and ``sharding``). Values are checked for NaN/Inf shard by shard as they are placed.
 
@@ -50,7 +50,7 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
     bound = get_layout(layout).bind(params, names)
     bound.report_unused(names)
     targets = build_targets(config, tensors, bound, source)
-    return inject(params, config, tensors, targets, bound, dtype=dtype, placer=placer)
+    return inject(params, config, tensors, targets, bound, dtype=dtype, placer=placer, pad_rank=pad_rank)
 
 
 def load(
@@ -67,6 +67,7 @@ def load(
     allow_pickle: bool = False,
     device: jax.Device | None = None,
     sharding: ShardingArg = None,
+    pad_rank: int | None = None,
 ) -> dict:
     """Load a PEFT LoRA adapter (local folder or Hub repo id) onto a Flax parameter tree.
 
@@ -84,14 +85,21 @@ def load(
     hold it. By default its sharding follows its base leaf (``lora_A`` the kernel's input axes,
     ``lora_B`` its output axes, rank replicated, a stacked layer axis as the kernel's; replaced
     tensors the base leaf's sharding; numpy base leaves: the default device). ``device=`` puts every
-    new leaf on one device; ``sharding=`` is ``"replicated"``, a ``jax.sharding.Sharding`` for every
+    new leaf on one device; ``sharding=`` is ``"replicated"``, a ``jax.sharding.Sharding`` for every non-scalar
     new leaf, or a callable ``(path, leaf: ShapeDtypeStruct with the derived sharding) -> Sharding | None``.
+
+    Hot swap: a jitted function compiled for one adapter is reused for any other with the same targets
+    and ranks (lora_alpha, rank/alpha patterns and the config text may differ: scales are leaves).
+    ``pad_rank=R`` zero-pads every module's rank to ``R`` (each part's block, for fused kernels), so
+    adapters of different ranks share one compiled function too; padding changes no output and
+    :func:`save` drops it.
 
     Example:
         >>> lp = jlora.load(model.params, "adapter_dir")
         >>> lp = jlora.load(model.params, "user/repo", revision="v1", subfolder="sft")
         >>> lp = jlora.load(model.params, {"a": "adapter_a", "b": "user/b"})  # several: see jlora.wrap's adapter_ids
         >>> lp = jlora.load(sharded_params, "adapter_dir", sharding="replicated")
+        >>> lp = jlora.load(model.params, "adapter_r8", pad_rank=64)   # same shapes as any r <= 64 adapter
     """
     if isinstance(source, Mapping):
         if not source:
@@ -99,13 +107,13 @@ def load(
         params = as_param_tree(params)
         singles = {name: load(params, src, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                               layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
-                              device=device, sharding=sharding)
+                              device=device, sharding=sharding, pad_rank=pad_rank)
                    for name, src in source.items()}
         return stack_adapters(params, singles)
     config, tensors, weights_path = read_adapter(source, revision=revision, subfolder=subfolder, token=token,
                                                  cache_dir=cache_dir, allow_pickle=allow_pickle)
     return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),
-                 allow_nonfinite=allow_nonfinite, device=device, sharding=sharding)
+                 allow_nonfinite=allow_nonfinite, device=device, sharding=sharding, pad_rank=pad_rank)
 
 
 def read_adapter(

@@ -20,12 +20,9 @@ from .errors import AdapterError
 from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted
 
 
-def scaled_a(children: Mapping[str, jax.Array], spec: ModuleSpec) -> jax.Array:
-    """``lora_A`` in float32 with the scale folded in (per rank column where a ``lora_scale`` exists)."""
-    a = children[LORA_A].astype(jnp.float32)
-    if RANK_SCALE in children:
-        return a * children[RANK_SCALE]
-    return a * spec.scale
+def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
+    """``lora_A`` in float32 with the ``lora_scale`` (a scalar, or per rank column) folded in."""
+    return children[LORA_A].astype(jnp.float32) * children[RANK_SCALE]
 
 
 def part_masked_b(b: jax.Array, spec: ModuleSpec) -> jax.Array:
@@ -38,7 +35,7 @@ def part_masked_b(b: jax.Array, spec: ModuleSpec) -> jax.Array:
     out_axis = 1 + pl.part_axis - pl.in_ndim
     mask = np.zeros((b.shape[0], b.shape[out_axis]), np.float32)
     for source in fused:
-        mask[source.offset:source.offset + source.rank, source.placement.part] = 1.0
+        mask[spec.rank_block(source, b.shape[0]), source.placement.part] = 1.0
     shape = [1] * b.ndim
     shape[0], shape[out_axis] = mask.shape
     return b * jnp.asarray(mask.reshape(shape), b.dtype)
@@ -105,10 +102,10 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     one_layer = lambda a, b: factor_delta(a, part_masked_b(b, spec))  # noqa: E731
     if spec.layer_axis is None:
         factors, in_axes = node, tuple(range(spec.in_ndim))
-        delta = one_layer(scaled_a(factors, spec), factors[LORA_B])
+        delta = one_layer(scaled_a(factors), factors[LORA_B])
     else:
         factors, in_axes = _layer_first(dict(node), spec), tuple(range(1, spec.in_ndim + 1))
-        delta = jax.vmap(one_layer)(scaled_a(factors, spec), factors[LORA_B])
+        delta = jax.vmap(one_layer)(scaled_a(factors), factors[LORA_B])
     merged = weight + delta
     if spec.dora:
         factor = dora_factor(weight, delta, factors[MAGNITUDE], in_axes)
@@ -116,7 +113,8 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     children[spec.kernel_key] = from_canonical(merged, spec).astype(kernel.dtype)
     if LORA_BIAS in node:
         bias = children["bias"]
-        children["bias"] = (bias.astype(jnp.float32) + spec.scale * node[LORA_BIAS].astype(jnp.float32)).astype(bias.dtype)
+        lora_bias = node[RANK_SCALE] * node[LORA_BIAS].astype(jnp.float32)  # lora_bias: simple modules only
+        children["bias"] = (bias.astype(jnp.float32) + lora_bias).astype(bias.dtype)
     return children
 
 

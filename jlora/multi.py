@@ -49,10 +49,9 @@ def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
 
 
 def _column_scales(node: AdaptedModule) -> jax.Array:
+    """The module's ``lora_scale`` as one value per rank column, shaped like ``lora_A``'s (1..., r)."""
     a = node[LORA_A]
-    if RANK_SCALE in node:
-        return node[RANK_SCALE]
-    return jnp.full((1,) * (a.ndim - 1) + (a.shape[-1],), node.spec.scale, jnp.float32)
+    return jnp.broadcast_to(node[RANK_SCALE], (1,) * (a.ndim - 1) + (a.shape[-1],))
 
 
 def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
@@ -85,7 +84,7 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
         dtype = some[LORA_A].dtype
         children = {**get_path(params, path), LORA_A: jnp.asarray(a, dtype), LORA_B: jnp.asarray(b, dtype),
                     RANK_SCALE: jnp.asarray(scale)}
-        spec = dataclasses.replace(some.spec, scale=1.0, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
+        spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
                                    adapters=tuple(entries))
         updates[path] = AdaptedModule(children, spec)
     return set_paths(params, updates)
@@ -112,8 +111,10 @@ def select(lora_params: Any, name: str) -> Any:
         if spec is None:
             return node.base_children()
         children = {**node.base_children(), LORA_A: node[LORA_A][i][..., :width], LORA_B: node[LORA_B][i][:width]}
-        if len(spec.sources) != 1 or spec.layer_axis is not None or spec.sources[0].placement.part_axis is not None:
-            children[RANK_SCALE] = node[RANK_SCALE][i][..., :width]
+        scales = node[RANK_SCALE][i][..., :width]
+        per_column = len(spec.sources) != 1 or spec.layer_axis is not None or \
+            spec.sources[0].placement.part_axis is not None
+        children[RANK_SCALE] = scales if per_column else scales.reshape(-1)[0]  # simple modules: a scalar
         return AdaptedModule(children, spec)
 
     if not any(n.spec.adapters for _, n in adapted_modules(lora_params)):
@@ -189,11 +190,11 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
         a_new, b_new = _COMBINE[method](parts, new_rank)
         spec0 = parts[0][4]
         source = dataclasses.replace(spec0.sources[0], rank=new_rank, offset=0)
-        spec = dataclasses.replace(spec0, scale=module_scale(config, spec0.peft_name), sources=(source,),
-                                   config_json=config_json)
+        spec = dataclasses.replace(spec0, sources=(source,), config_json=config_json)
         dtype = node[LORA_A].dtype
         return AdaptedModule({**node.base_children(), LORA_A: jnp.asarray(a_new, dtype),
-                              LORA_B: jnp.asarray(b_new, dtype)}, spec)
+                              LORA_B: jnp.asarray(b_new, dtype),
+                              RANK_SCALE: jnp.asarray(module_scale(config, spec0.peft_name), jnp.float32)}, spec)
 
     return jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
                                   is_leaf=lambda x: isinstance(x, AdaptedModule))

@@ -13,6 +13,8 @@ Example:
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -24,11 +26,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from .checkpoint import WEIGHTS_NAME, write_safetensors
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError
 from .layout import HfLayout, Layout
 from .spec import PREFIX
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, AdaptedModule, FactorSource, adapted_modules
+from .targeting import module_scale
+from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource, adapted_modules
 
 
 def _stub(x: Any) -> np.ndarray:
@@ -50,6 +53,12 @@ def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) 
     if spec.layer_axis is not None:
         children = {k: np.take(v, pl.layer, axis=min(spec.layer_axis, v.ndim - 1)) for k, v in children.items()}
     cols = slice(source.offset, source.offset + source.rank)
+    padding = slice(cols.stop, spec.rank_block(source, children[LORA_A].shape[-1]).stop)
+    if np.any(children[LORA_A][..., padding]) or np.any(children[LORA_B][padding]):
+        raise AdapterError(f"save: {source.peft_name} has nonzero values in the padding past its rank {source.rank}. "
+                           "The tree's metadata is probably stale: it came out of a jitted function first compiled "
+                           "for another adapter (pad_rank makes different ranks share one). Rebuild it with "
+                           "jlora.combine(trainable, frozen), `frozen` taken from this adapter's own load/init")
     a, b = children[LORA_A][..., cols], children[LORA_B][cols]
     out_axis = None if pl.part_axis is None else pl.part_axis - pl.in_ndim
     if out_axis is not None:
@@ -93,13 +102,39 @@ def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str,
     return out
 
 
+def _source_scale(node: AdaptedModule, source: FactorSource) -> float:
+    """The ``lora_scale`` value that applies to ``source``'s rank columns."""
+    scale = _to_host(node[RANK_SCALE])
+    if scale.ndim and node.spec.layer_axis is not None:
+        scale = np.take(scale, source.placement.layer, axis=min(node.spec.layer_axis, scale.ndim - 1))
+    return float(scale.reshape(-1)[source.offset])
+
+
 def _config_json(lora_params: Any) -> str:
-    configs = {node.spec.config_json for _, node in adapted_modules(lora_params)}
+    """The adapter's config text, checked against the ``lora_scale`` leaves.
+
+    ``config_json`` does not take part in jit cache keys, so a jitted function compiled for one adapter
+    returns trees carrying that adapter's config text even when called with another of equal shapes.
+    The scales are leaves and always current: a config that does not give them is such stale text.
+    """
+    nodes = [node for _, node in adapted_modules(lora_params)]
+    configs = {node.spec.config_json for node in nodes}
     if not configs:
         raise AdapterError("save: the tree holds no adapter (no AdaptedModule); load or init one first")
     if len(configs) > 1:
         raise AdapterError("save: the tree holds adapters with different configs; save them one at a time")
-    return configs.pop()
+    config_json = configs.pop()
+    config = LoraConfig.from_dict(json.loads(config_json), source="the tree's adapter config")
+    stale = [f"{s.peft_name}: lora_scale {actual:g}, the config gives {expected:g}"
+             for node in nodes for s in node.spec.sources
+             for actual, expected in [(_source_scale(node, s), module_scale(config, s.peft_name))]
+             if not math.isclose(actual, expected, rel_tol=1e-6)]
+    if stale:
+        raise AdapterError("save: the tree's adapter config does not match its lora_scale leaves. This tree probably "
+                           "came out of a jitted function first compiled for another adapter of equal shapes (jit "
+                           "outputs keep that adapter's config text). Rebuild it with jlora.combine(trainable, frozen), "
+                           "`frozen` taken from this adapter's own load/init", stale)
+    return config_json
 
 
 def _write_temp(path: Path, write) -> str:

@@ -47,26 +47,23 @@ def _unstacked(spec: ModuleSpec, entries: dict) -> ModuleSpec:
 
 
 def _scale_columns(xa: jax.Array, entries: dict) -> jax.Array:
-    """Apply a per-rank-column ``lora_scale`` (stacked or fused kernels) to ``x @ A``."""
-    if RANK_SCALE in entries:
-        return xa * entries[RANK_SCALE].reshape(-1).astype(xa.dtype)
-    return xa
+    """Apply the ``lora_scale`` (a scalar, or per rank column for stacked or fused kernels) to ``x @ A``."""
+    return xa * entries[RANK_SCALE].reshape(-1).astype(xa.dtype)
 
 
 def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec) -> jax.Array:
     """Add the (already contracted and column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA."""
-    scale = entries.get("scale", 1.0)
-    if LORA_BIAS in entries:
-        lora = lora + entries[LORA_BIAS]
+    if LORA_BIAS in entries:  # simple modules only: a scalar scale
+        lora = lora + entries[RANK_SCALE] * entries[LORA_BIAS]
     if MAGNITUDE not in entries:
-        return (y + scale * lora).astype(y.dtype)
+        return (y + lora).astype(y.dtype)
     spec = _unstacked(spec, entries)
     kernel = to_canonical(module.get_variable("params", spec.kernel_key), spec)
-    delta = scale * factor_delta(scaled_a(entries, dataclasses.replace(spec, scale=1.0)), _b(entries, spec))
+    delta = factor_delta(scaled_a(entries), _b(entries, spec))
     factor = dora_factor(kernel, delta, entries[MAGNITUDE], tuple(range(spec.in_ndim)))
     bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
     base = y if bias is None else y - bias
-    return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
+    return (y + (factor - 1) * base + factor * lora).astype(y.dtype)
 
 
 def _b(entries: dict, spec: ModuleSpec) -> jax.Array:

@@ -40,8 +40,8 @@ class TorchLayout(HfLayout):
     tree_name = "PyTorch"
 
     def __init__(self, rules: Sequence[Rule] = _LINEAR_RULES, *, name: str | None = "torch",
-                 params: Mapping | None = None, prefix_mode: tuple = ("exact",)):
-        super().__init__(rules, name=name or "torch", params=params, prefix_mode=prefix_mode)
+                 params: Mapping | None = None, prefix_mode: tuple = ("exact",), gpt2_style: bool | None = None):
+        super().__init__(rules, name=name or "torch", params=params, prefix_mode=prefix_mode, gpt2_style=gpt2_style)
 
     def rules_for(self, name: str, lora_kind: str | None = None) -> Sequence[Rule]:
         if lora_kind == "embedding":

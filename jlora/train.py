@@ -56,13 +56,14 @@ def split(lora_params: Any) -> tuple[Any, Any]:
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
-    """Inverse of :func:`split`.
+    """Inverse of :func:`split`. The module metadata (config text included) is taken from ``frozen``, so
+    a ``trainable`` tree returned by a jitted step compiled for another adapter cannot bring in stale text.
 
     Example:
         >>> lora_params = jlora.combine(trainable, frozen)
     """
     is_none = lambda x: x is None  # noqa: E731
-    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=is_none)
+    return jax.tree_util.tree_map(lambda f, t: f if t is None else t, frozen, trainable, is_leaf=is_none)
 
 
 def count_trainable(lora_params: Any) -> int:

@@ -6,8 +6,8 @@ node whose children are arrays (the base ``kernel``/``bias`` shared with the cal
 
 Example:
     >>> node = lora_params["model"]["layers"]["0"]["self_attn"]["q_proj"]
-    >>> sorted(node), node.spec.scale
-    (['kernel', 'lora_A', 'lora_B'], 2.0)
+    >>> sorted(node), float(node["lora_scale"])
+    (['kernel', 'lora_A', 'lora_B', 'lora_scale'], 2.0)
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ class FactorSource:
     ``offset:offset+rank`` of the stored factors, at ``placement.layer`` / ``placement.part``."""
 
     peft_name: str
-    rank: int
+    # not compared (jit cache keys): with pad_rank, adapters of different ranks share compiled functions;
+    # save checks that the columns past ``rank`` in this source's block are still zero
+    rank: int = dataclasses.field(compare=False)
     offset: int
     placement: Any  # layout.Placement (how PEFT's axes map onto the kernel's)
     file_keys: tuple[tuple[str, str], ...] = ()  # child key -> PEFT key suffix
@@ -40,18 +42,19 @@ class FactorSource:
 
 @dataclasses.dataclass(frozen=True)
 class ModuleSpec:
-    """Static facts about one adapted module (hashable; travels as pytree metadata).
+    """Static facts about one adapted module (hashable; travels as pytree metadata, so it is part of
+    every jit cache key: nothing here may differ between two adapters of equal shapes that should share
+    a compiled function. The scale is therefore a leaf, and ``config_json`` is left out of equality).
 
     Kernel axes: the LoRA factors are stored so that ``x @ lora_A @ lora_B`` runs over the kernel's
     *canonical* layout ``(inputs..., outputs...)`` with ``in_ndim`` input axes; the kernel (without
     a layer axis) is ``canonical.transpose(kernel_perm)``. A stacked kernel has its layer axis at
-    ``layer_axis``, and so do the adapter tensors. ``scale`` applies when the module has no
-    ``lora_scale`` child (a per-rank-column scale, used for stacked or fused kernels).
+    ``layer_axis``, and so do the adapter tensors. The LoRA scale is the ``lora_scale`` child: a
+    scalar, or one value per rank column for stacked or fused kernels (zero on padding).
     """
 
     peft_name: str
     kind: str = "none"  # "linear" | "embedding" | "none" (replaced tensors only)
-    scale: float = 1.0
     kernel_key: str = "kernel"
     in_ndim: int = 1
     kernel_perm: tuple[int, ...] = (0, 1)
@@ -63,13 +66,22 @@ class ModuleSpec:
     # child key -> PEFT key suffix of replaced tensors (biases, modules_to_save, token rows)
     file_keys: tuple[tuple[str, str], ...] = ()
     sources: tuple[FactorSource, ...] = ()
-    config_json: str = "{}"
+    # the adapter_config.json text; not compared, so adapters differing only in their config text
+    # (lora_alpha, base model name, ...) share compiled functions. jit outputs keep the spec of the
+    # first call: jlora.combine and jlora.save guard against that (see save._config_json).
+    config_json: str = dataclasses.field(default="{}", compare=False)
     # multi-adapter modules: (name, that adapter's own spec or None, its rank width) per adapter index
     adapters: tuple[tuple[str, "ModuleSpec | None", int], ...] = ()
 
     @property
     def has_lora(self) -> bool:
         return self.kind in ("linear", "embedding")
+
+    def rank_block(self, source: FactorSource, width: int) -> slice:
+        """The rank columns reserved for ``source``'s part (its ``rank`` first, then zero padding): from its
+        offset up to the next part's offset, or to ``width`` (the factors' rank axis)."""
+        later = [s.offset for s in self.sources if s.offset > source.offset]
+        return slice(source.offset, min(later, default=width))
 
 
 class AdaptedModule(Mapping):

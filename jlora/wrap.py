@@ -30,10 +30,7 @@ SITE_PREFIX = "__jlora_site_"
 
 
 def _side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
-    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
-    if node.spec.layer_axis is None:  # stacked entries must all have the layer axis: scale is per column
-        entries["scale"] = jnp.asarray(node.spec.scale, dtype=node[LORA_A].dtype)
-    return entries
+    return {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
 
 
 def _site_of(module: nn.Module) -> tuple[int, dict] | None:

@@ -98,6 +98,13 @@ def test_scanned_linen_parity(tmp_path, adapter):
     for key, value in original.items():
         np.testing.assert_allclose(saved[key], value.numpy(), rtol=0, atol=0, err_msg=key)
 
+    if adapter == "patterns":  # ranks 2, 4 and 6 padded to 8 columns: same outputs, same saved tensors
+        padded = jlora.load(params, tmp_path / "adapter", layout=SCANNED, pad_rank=8)
+        assert padded["decoder"]["layers"]["attn"]["value"]["lora_A"].shape == (32, 2, 8)
+        assert rel_err(jax.jit(jlora.wrap(model.apply))({"params": padded}, IDS), want) <= 1e-4
+        for key, value in jlora.to_peft_tensors(padded).items():
+            np.testing.assert_array_equal(value, saved[key], err_msg=key)
+
 
 @pytest.mark.parametrize("adapter", ["patterns", "dora"])
 def test_nnx_fused_kv_parity(tmp_path, adapter):

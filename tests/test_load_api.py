@@ -25,7 +25,7 @@ def test_load_is_pure_and_shares_base_arrays(tmp_path):
     assert q["kernel"] is params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert lp["model"]["embed_tokens"] is params["model"]["embed_tokens"]  # untouched subtrees shared
     assert q["lora_A"].shape == (32, 4) and q["lora_B"].shape == (4, 32)
-    assert q.spec.scale == 2.0 and q.spec.peft_name == "model.layers.0.self_attn.q_proj"
+    assert float(q["lora_scale"]) == 2.0 and q.spec.peft_name == "model.layers.0.self_attn.q_proj"
 
 
 def test_merge_and_wrap_do_not_modify_numpy_params(tmp_path):

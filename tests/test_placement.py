@@ -85,11 +85,12 @@ def test_load_places_on_the_requested_device(params, tmp_path):
         assert node["lora_A"].sharding == SingleDeviceSharding(device)
         assert node["lora_B"].committed
     seen = {}
-    lp = jlora.load(params, folder, sharding=lambda path, leaf: seen.setdefault(path, leaf) and None)
-    assert sorted(seen)[:2] == ["model/layers/0/self_attn/q_proj/lora_A", "model/layers/0/self_attn/q_proj/lora_B"]
+    lp = jlora.load(params, folder, sharding=lambda path, leaf: seen.__setitem__(path, leaf))
+    assert sorted(seen)[:3] == [f"model/layers/0/self_attn/q_proj/{k}" for k in ("lora_A", "lora_B", "lora_scale")]
     a = seen["model/layers/0/self_attn/q_proj/lora_A"]
     assert a.shape == (32, 4) and a.dtype == np.float32 and a.sharding == SingleDeviceSharding(jax.devices()[0])
-    assert len(seen) == 8
+    assert seen["model/layers/0/self_attn/q_proj/lora_scale"].shape == ()
+    assert len(seen) == 12  # 4 modules x (A, B, scale)
 
 
 def test_bad_placement_arguments(params, tmp_path):

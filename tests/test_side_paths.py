@@ -34,8 +34,9 @@ class Net(nn.Module):
 
 
 def _adapted(module: dict, a, b, scale, perm, name) -> AdaptedModule:
-    spec = ModuleSpec(peft_name=name, kind="linear", scale=scale, kernel_perm=perm, trainable=("lora_A", "lora_B"))
-    return AdaptedModule({**module, "lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)}, spec)
+    spec = ModuleSpec(peft_name=name, kind="linear", kernel_perm=perm, trainable=("lora_A", "lora_B"))
+    return AdaptedModule({**module, "lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b),
+                          "lora_scale": jnp.asarray(scale, jnp.float32)}, spec)
 
 
 @pytest.fixture

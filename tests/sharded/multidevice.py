@@ -55,7 +55,8 @@ def expected_specs(name: str) -> dict[str, P]:
         return {"kernel": P("data", "model")}
     ins, outs = ("model", "data") if module in ROW + ("embed_tokens",) else ("data", "model")
     base = "embedding" if module == "embed_tokens" else "kernel"
-    return {base: P(ins, outs), "lora_A": P(ins, None), "lora_B": P(None, outs), "lora_magnitude": P(outs)}
+    return {base: P(ins, outs), "lora_A": P(ins, None), "lora_B": P(None, outs), "lora_magnitude": P(outs),
+            "lora_scale": P()}
 
 
 def tiny_llama_and_params(seed: int = 0):
