@@ -1,17 +1,16 @@
 """Benchmark (not a test): a mixed batch with 16 adapters vs the same batch with one adapter vs the base.
 
 FlaxLlama (hidden 512, 4 layers, intermediate 1376, vocab 1024, float32), adapters r=16 on all linear
-layers, 8 examples per batch, T = 16 and 256 tokens per example. Variants are interleaved and timed
-with block_until_ready; medians over repeats. Prints a table and appends it to benchmarks/RESULTS.md
-when run with --write.
+layers, 8 examples per batch, T = 16 and 256 tokens per example. Variants are interleaved in shuffled
+order each round; ratios are medians of per-round paired ratios, with an A/A control (the base model
+compiled twice). Prints a table and appends it to benchmarks/RESULTS.md when run with --write.
 
-    python benchmarks/bench_multi.py [--repeats 15] [--write]
+    python benchmarks/bench_multi.py [--repeats 21] [--write]
 """
 import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,17 +20,12 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jlora  # noqa: E402
-
-
-def timed(fn, *args, **kwargs) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args, **kwargs))
-    return time.perf_counter() - start
+from common import fmt_ratio, interleaved, paired_ratio  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--write", action="store_true")
@@ -56,28 +50,28 @@ def main() -> int:
         return mixed_fwd(ids, p, adapter_ids=a)
 
     rng = np.random.default_rng(0)
-    rows = []
+    rows, mixed_ratios = [], []
+    base_again = jax.jit(lambda ids, p: model(ids, params=p).logits)  # A/A control: identical work
     for T in (16, 256):
         ids = jnp.asarray(rng.integers(0, 1024, size=(args.batch, T)), jnp.int32)
         adapter_ids = jnp.asarray(rng.integers(0, args.adapters, size=(args.batch,)), jnp.int32)
-        variants = {"base": lambda: base_fwd(ids, model.params), "one adapter": lambda: lora_fwd(ids, one),
-                    f"{args.adapters} adapters, mixed": lambda: mixed(ids, many, adapter_ids)}
-        for f in variants.values():  # compile and warm up
-            jax.block_until_ready(f())
-            jax.block_until_ready(f())
-        times = {k: [] for k in variants}
-        for _ in range(args.repeats):
-            for k, f in variants.items():
-                times[k].append(timed(f))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        mixed_name = f"{args.adapters} adapters, mixed"
+        variants = {"base": lambda: jax.block_until_ready(base_fwd(ids, model.params)),
+                    "base again (A/A control)": lambda: jax.block_until_ready(base_again(ids, model.params)),
+                    "one adapter": lambda: jax.block_until_ready(lora_fwd(ids, one)),
+                    mixed_name: lambda: jax.block_until_ready(mixed(ids, many, adapter_ids))}
+        samples = interleaved(variants, rounds=args.repeats)
         for k in variants:
-            rows.append((T, k, med[k] * 1e3, med[k] / med["base"]))
+            r = paired_ratio(samples, k, "base")
+            rows.append((T, k, statistics.median(samples[k]) * 1e3, fmt_ratio(r)))
+            if k == mixed_name:
+                mixed_ratios.append(r["median"])
 
     lines = [f"### Multi-adapter mixed batch (CPU, {platform.processor() or platform.machine()}, "
-             f"jax {jax.__version__}, batch {args.batch}, r=16 all linear, median of {args.repeats})", "",
-             "| T | variant | ms | / base |", "|---|---|---|---|"]
-    lines += [f"| {T} | {k} | {ms:.2f} | {ratio:.3f} |" for T, k, ms, ratio in rows]
-    mixed_ratios = [r for T, k, ms, r in rows if "mixed" in k]
+             f"jax {jax.__version__}, batch {args.batch}, r=16 all linear, {args.repeats} interleaved rounds)", "",
+             "Ratio: median of per-round paired ratios to the base [quartiles] (ratio of the fastest samples).", "",
+             "| T | variant | median ms | / base |", "|---|---|---|---|"]
+    lines += [f"| {T} | {k} | {ms:.2f} | {ratio} |" for T, k, ms, ratio in rows]
     lines += ["", f"Target (issue 6): mixed <= 1.15x base on CPU. Measured: "
                   f"{', '.join(f'{r:.3f}' for r in mixed_ratios)} (T=16, T=256): "
                   f"{'met' if max(mixed_ratios) <= 1.15 else 'missed by ' + f'{max(mixed_ratios) / 1.15 - 1:.0%}'}."]
