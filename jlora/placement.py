@@ -14,7 +14,8 @@ Host to device: every addressable device's shard is read straight from the host 
 transposed view of the memory-mapped file) and transposed by the copy into the device buffer, in the
 file's dtype; a dtype change (bfloat16 file, float32 factors) is then one cast on the device. Moving
 the file's bytes rather than host-cast float32 halves the transfer and skips a host pass. No other
-host copy is made and no process reads more than its devices' shards.
+host copy is made and no process reads more than its devices' shards. Device arrays never alias the
+memory-mapped file (jax would on CPU): rewriting the file in place later cannot change or fault them.
 
 Example:
     >>> placer = Placer(sharding="replicated")
@@ -123,6 +124,12 @@ def host_shard(host: np.ndarray, index: tuple, dtype: np.dtype) -> np.ndarray:
     return part.transpose(order).astype(dtype).transpose(np.argsort(order))
 
 
+def _unaliased(part: np.ndarray) -> np.ndarray:
+    """A copy of a read-only contiguous array (a view of the memory-mapped file), which jax would otherwise
+    alias on CPU: the device array must not change or fault when the file is rewritten in place."""
+    return np.array(part) if not part.flags.writeable and part.flags.c_contiguous else part
+
+
 def _transfer_dtype(host_dtype: np.dtype, dtype: np.dtype) -> np.dtype:
     """The dtype to move to the device in: the host's own when jax holds it as is (then cast there)."""
     try:
@@ -152,7 +159,7 @@ def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
         if key not in cache:  # replicated shards are read, inspected and cast once
             if inspect is not None:
                 inspect(host[index])
-            cache[key] = host_shard(host, index, moved)
+            cache[key] = _unaliased(host_shard(host, index, moved))
         return cache[key]
 
     array = jax.make_array_from_callback(host.shape, sharding, shard, dtype=moved)

@@ -116,3 +116,39 @@ def test_place_merge_wrap_modify_nothing_with_replacements_dora_and_tokens():
         np.testing.assert_array_equal(a, b)
     assert tensors.keys() == before[1].keys() and all(np.array_equal(tensors[k], before[1][k]) for k in tensors)
     assert config.to_json() == before[2]
+
+
+def _aligned_safetensors(path, tensors: dict) -> int:
+    """A valid safetensors file whose data starts 64-byte aligned (every tensor here is a multiple of 64
+    bytes, so each one is aligned too: what jax needs to alias host memory on CPU). Returns the data start."""
+    import json
+    entries, offset = {}, 0
+    for key, value in tensors.items():
+        entries[key] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    header = json.dumps(entries).encode()
+    header += b" " * (-(8 + len(header)) % 64)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + b"".join(v.tobytes() for v in tensors.values()))
+    return 8 + len(header)
+
+
+def test_loaded_arrays_do_not_alias_the_file(tmp_path):
+    """Rewriting the adapter file in place (as torch/safetensors savers do) must not change loaded arrays."""
+    rng = np.random.default_rng(0)
+    tensors = llama_lora_tensors()
+    for i in range(2):  # float32 DoRA magnitudes: contiguous in the file, placed without a cast or transpose
+        for m, out in (("q_proj", 32), ("v_proj", 16)):
+            tensors[f"base_model.model.model.layers.{i}.self_attn.{m}.lora_magnitude_vector"] = (
+                1 + rng.random(out)).astype(np.float32)
+    folder = write_adapter(tmp_path / "a", {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True,
+                                            "target_modules": ["q_proj", "v_proj"]}, tensors=False)
+    start = _aligned_safetensors(folder / "adapter_model.safetensors", tensors)
+    lp = jlora.load(tiny_llama().params, folder)
+    before = jax.tree_util.tree_map(np.array, lp)
+    with open(folder / "adapter_model.safetensors", "r+b") as f:  # same inode, new bytes
+        f.seek(start)
+        f.write(b"\0" * sum(v.nbytes for v in tensors.values()))
+    after = jax.tree_util.tree_map(np.asarray, lp)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
