@@ -127,6 +127,13 @@ def test_nnx_fused_kv_parity(tmp_path, adapter):
     for key, value in original.items():
         np.testing.assert_array_equal(saved[key], value.numpy(), err_msg=key)
 
+    if adapter == "patterns":  # k (r=4) and v (r=6) blocks of the fused kv kernel, each padded to 8 columns
+        padded = jlora.load(pure, tmp_path / "adapter", layout=NNX, pad_rank=8)
+        assert padded["layers"][1]["attn"]["kv"]["lora_A"].shape == (32, 16)
+        assert rel_err(forward(jlora.merge(padded), IDS), torch_out(judge.merge_and_unload(), IDS)) <= 1e-4
+        for key, value in jlora.to_peft_tensors(padded).items():
+            np.testing.assert_array_equal(value, saved[key], err_msg=key)
+
 
 def test_scanned_init_train_save_loads_in_peft(tmp_path):
     cfg, base, _ = torch_llama(tmp_path, dict(r=2, target_modules=["q_proj"]))
