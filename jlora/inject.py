@@ -110,15 +110,18 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple,
     return children, sources
 
 
-def _check_pad_rank(targets: list[Target], tensors, pad_rank: int | None) -> None:
+def _checked_pad_rank(targets: list[Target], tensors, pad_rank: int | None) -> int | None:
+    """``pad_rank`` as an int (None stays None), after checking it fits every module's rank."""
     if pad_rank is None:
-        return
-    if isinstance(pad_rank, bool) or not isinstance(pad_rank, int) or pad_rank < 1:
+        return None
+    if isinstance(pad_rank, bool) or not isinstance(pad_rank, (int, np.integer)) or pad_rank < 1:
         raise AdapterError(f"pad_rank must be a positive int, found {pad_rank!r}")
+    pad_rank = int(pad_rank)
     too_wide = [f"{t.name}: rank {tensors[t.tensors.roles['lora_A']].shape[0]}" for t in targets
                 if "lora_A" in t.tensors.roles and tensors[t.tensors.roles["lora_A"]].shape[0] > pad_rank]
     if too_wide:
         raise AdapterError(f"pad_rank={pad_rank} is smaller than these modules' ranks", too_wide)
+    return pad_rank
 
 
 def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], targets: list[Target],
@@ -130,7 +133,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
     ``placer`` decides where each new leaf lives (default: derived from the base leaves' shardings).
     ``pad_rank``: zero-pad every module's rank axis (each part's block, for fused kernels) to this width.
     """
-    _check_pad_rank(targets, tensors, pad_rank)
+    pad_rank = _checked_pad_rank(targets, tensors, pad_rank)
     adapter_dtype = np.dtype(jnp.dtype(dtype or jnp.float32))
     placer = placer or Placer()
     config_json = config.to_json()
