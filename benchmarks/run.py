@@ -63,10 +63,11 @@ def child(name: str, quick: bool, json_out: Path, cores: int | None) -> None:
 
 GPU_SECTION = """No GPU was available in this session: this task was not lent a device machine (the device tool's
 `status` reported none for the task), so every number above is from the CPU machine described at the top.
-The GPU targets of issue 5 (bf16, hidden 4096: wrap/base <= 1.05 at every T) are **not measured here**.
-`benchmarks/bench_infer.py` has a `GPU_MODEL` preset (hidden 4096, 8 layers, intermediate 11008, vocab 32000)
-for `run(model_kwargs=GPU_MODEL, flax_dtype=jnp.bfloat16)`, to be run as one prepared script when a device is lent;
-its table should replace this paragraph and say which GPU it came from."""
+The GPU targets (issue 5: bf16, hidden 4096, wrap/base <= 1.05 at every T; issue 6: mixed 16-adapter batch
+<= 1.10x base) are **not measured here**. `benchmarks/bench_gpu.py` is the prepared script for a lent device:
+it needs no transformers Flax classes (the device machine has transformers v5), builds its own bf16 Llama-shaped
+decoder (hidden 4096, 8 layers), and writes `$OUT/gpu_results.md` (`--tiny` checks it runs, on CPU, in seconds);
+its table should replace this paragraph and says which GPU it came from."""
 
 
 def render(results: dict[str, dict], info: dict, quick: bool, total_s: float) -> str:
