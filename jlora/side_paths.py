@@ -48,23 +48,26 @@ def _unstacked(spec: ModuleSpec, entries: dict) -> ModuleSpec:
 
 
 def _scale_columns(xa: jax.Array, entries: dict) -> jax.Array:
-    """Apply the ``lora_scale`` (a scalar, or per rank column for stacked or fused kernels) to ``x @ A``."""
-    return xa * entries[RANK_SCALE].reshape(-1).astype(xa.dtype)
+    """Apply a per-rank-column ``lora_scale`` (stacked or fused kernels) to ``x @ A``. A scalar scale is
+    applied by :func:`_finish` instead, inside the elementwise add (one kernel fewer per module)."""
+    scale = entries[RANK_SCALE]
+    return xa if scale.ndim == 0 else xa * scale.reshape(-1).astype(xa.dtype)
 
 
 def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec) -> jax.Array:
-    """Add the (already contracted and column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA."""
+    """Add the (already contracted, column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA."""
+    scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
     if LORA_BIAS in entries:  # simple modules only: a scalar scale
-        lora = lora + entries[RANK_SCALE] * entries[LORA_BIAS]
+        lora = lora + entries[LORA_BIAS]
     if MAGNITUDE not in entries:
-        return (y + lora).astype(y.dtype)
+        return (y + scale * lora).astype(y.dtype)
     spec = _unstacked(spec, entries)
     kernel = to_canonical(module.get_variable("params", spec.kernel_key), spec)
     delta = factor_delta(scaled_a(entries), _b(entries, spec))
     factor = dora_factor(kernel, delta, entries[MAGNITUDE], tuple(range(spec.in_ndim)))
     bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
     base = y if bias is None else y - bias
-    return (y + (factor - 1) * base + factor * lora).astype(y.dtype)
+    return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
 
 
 def _b(entries: dict, spec: ModuleSpec) -> jax.Array:
