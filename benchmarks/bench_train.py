@@ -63,7 +63,7 @@ def run(quick: bool = False) -> dict:
     import jlora
 
     batch, T = 4, 256
-    rounds, torch_rounds = (3, 1) if quick else (11, 5)  # torch steps are slow here: fewer rounds
+    rounds, torch_rounds = (3, 1) if quick else (21, 5)  # torch steps are slow here: fewer rounds
     tmp = Path(tempfile.mkdtemp(prefix="jlora-bench-train-"))
     cfg, tbase, _, fm, _, adapter = build(tmp, CPU_MODEL, 16)
     params = fm.params
