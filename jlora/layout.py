@@ -278,10 +278,6 @@ class Layout:
         """The key of the embedding table (V, D) of the module at ``path`` (trainable tokens), or None."""
         return "embedding" if "embedding" in self._module(path) else None
 
-    def embedding_key(self, path: tuple) -> str | None:
-        """The key of the embedding table (V, D) of the module at ``path`` (trainable tokens), or None."""
-        return "embedding" if "embedding" in self._module(path) else None
-
     def _module(self, path: tuple) -> Mapping:
         node = self.params
         for k in path:

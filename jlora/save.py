@@ -102,9 +102,8 @@ def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str,
     return out
 
 
-def _source_scale(node: AdaptedModule, source: FactorSource) -> float:
-    """The ``lora_scale`` value that applies to ``source``'s rank columns."""
-    scale = _to_host(node[RANK_SCALE])
+def _source_scale(node: AdaptedModule, scale: np.ndarray, source: FactorSource) -> float:
+    """The value of ``scale`` (the node's ``lora_scale`` on the host) that applies to ``source``'s rank columns."""
     if scale.ndim and node.spec.layer_axis is not None:
         scale = np.take(scale, source.placement.layer, axis=min(node.spec.layer_axis, scale.ndim - 1))
     return float(scale.reshape(-1)[source.offset])
@@ -125,10 +124,13 @@ def _config_json(lora_params: Any) -> str:
         raise AdapterError("save: the tree holds adapters with different configs; save them one at a time")
     config_json = configs.pop()
     config = LoraConfig.from_dict(json.loads(config_json), source="the tree's adapter config")
-    stale = [f"{s.peft_name}: lora_scale {actual:g}, the config gives {expected:g}"
-             for node in nodes for s in node.spec.sources
-             for actual, expected in [(_source_scale(node, s), module_scale(config, s.peft_name))]
-             if not math.isclose(actual, expected, rel_tol=1e-6)]
+    stale = []
+    for node in (n for n in nodes if n.spec.sources):
+        scale = _to_host(node[RANK_SCALE])  # once per module, however many layers/parts it holds
+        for source in node.spec.sources:
+            actual, expected = _source_scale(node, scale, source), module_scale(config, source.peft_name)
+            if not math.isclose(actual, expected, rel_tol=1e-6):
+                stale.append(f"{source.peft_name}: lora_scale {actual:g}, the config gives {expected:g}")
     if stale:
         raise AdapterError("save: the tree's adapter config does not match its lora_scale leaves. This tree probably "
                            "came out of a jitted function first compiled for another adapter of equal shapes (jit "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax

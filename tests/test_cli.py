@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 import jlora
 from jlora.cli import build_parser, main
+from adapter_files import write_adapter
 from peft_twin import perturb_trainable
 
 ROOT = Path(jlora.__file__).resolve().parent.parent
@@ -200,16 +201,12 @@ def test_merge_refuses_shard_names_outside_the_folder(tmp_path, capsys):
     for key, evil in zip(keys, EVIL_SHARDS):
         index["weight_map"][key] = evil
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    write_adapter_like = tmp_path / "adapter"
-    write_adapter_like.mkdir()
-    (write_adapter_like / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
-                                                                       "target_modules": ["q_proj"]}))
-    from safetensors.numpy import save_file
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 4), np.float32)},
-              str(write_adapter_like / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    adapter = write_adapter(tmp_path / "adapter", config, {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 4), np.float32)})
     before = sorted(tmp_path.parent.iterdir())
-    code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(write_adapter_like), "--out",
+    code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(adapter), "--out",
                         str(tmp_path / "out"))
     assert code == 2 and "shard names must be plain *.safetensors file names" in err
     for evil in EVIL_SHARDS:
@@ -223,14 +220,10 @@ def test_merge_refuses_lm_head_adapter_on_a_tied_checkpoint(tmp_path, capsys):
     base = tmp_path / "base"
     config = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
     tf.GPT2LMHeadModel(config).save_pretrained(base)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
-                                                            "target_modules": ["lm_head"]}))
-    from safetensors.numpy import save_file
-    save_file({"base_model.model.lm_head.lora_A.weight": np.ones((4, 32), np.float32),
-               "base_model.model.lm_head.lora_B.weight": np.ones((64, 4), np.float32)},
-              str(adapter / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]}
+    adapter = write_adapter(tmp_path / "adapter", config, {
+        "base_model.model.lm_head.lora_A.weight": np.ones((4, 32), np.float32),
+        "base_model.model.lm_head.lora_B.weight": np.ones((64, 4), np.float32)})
     code, err = run_cli(capsys, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o"))
     assert code == 2 and "ties its output head" in err and "lm_head" in err
 
