@@ -25,11 +25,16 @@ from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, ModuleSpec
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
-    """Per-call inputs of a side path: LoRA-branch dropout, and each example's adapter index
-    (multi-adapter trees; -1 = base model only)."""
+    """Per-call inputs of a side path: LoRA-branch dropout (None: none) and each example's adapter
+    index (multi-adapter trees; -1 = base model only)."""
 
-    drop: Callable[[jax.Array], jax.Array] = lambda x: x
+    drop: Callable[[jax.Array], jax.Array] | None = None
     adapter_ids: jax.Array | None = None
+
+    def lora_input(self, x: jax.Array, entries: dict) -> jax.Array:
+        """``x`` as the LoRA branch sees it: in the adapter's dtype (PEFT's precision), dropped out."""
+        x = x.astype(entries[LORA_A].dtype)
+        return x if self.drop is None else self.drop(x)
 
 
 # side(module, args, kwargs, y, entries, spec, ctx) -> output
@@ -54,8 +59,22 @@ def _scale_columns(xa: jax.Array, entries: dict) -> jax.Array:
     return xa if scale.ndim == 0 else xa * scale.reshape(-1).astype(xa.dtype)
 
 
-def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec) -> jax.Array:
-    """Add the (already contracted, column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA."""
+def _dropped_base(module: nn.Module, spec: ModuleSpec, entries: dict, ctx: CallContext, x: jax.Array,
+                  **fields) -> jax.Array | None:
+    """DoRA's base term when the LoRA input ``x`` is dropped out (PEFT in train mode runs the base
+    weight on the dropped input): the module's own output for ``x`` without bias, in x's dtype.
+    None when there is no dropout or no DoRA (the base output ``y`` serves). ``fields``: module
+    fields to override (an Einsum's equation given at call time)."""
+    if ctx.drop is None or MAGNITUDE not in entries:
+        return None
+    plain = module.clone(parent=None, use_bias=False, dtype=x.dtype, **fields)
+    return plain.apply({"params": {spec.kernel_key: module.get_variable("params", spec.kernel_key)}}, x)
+
+
+def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec,
+            dropped_base: jax.Array | None = None) -> jax.Array:
+    """Add the (already contracted, column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA
+    (whose base term is ``dropped_base`` when given, see :func:`_dropped_base`, else ``y`` less its bias)."""
     scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
     if LORA_BIAS in entries:  # simple modules only: a scalar scale
         lora = lora + entries[LORA_BIAS]
@@ -65,8 +84,10 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     kernel = to_canonical(module.get_variable("params", spec.kernel_key), spec)
     delta = factor_delta(scaled_a(entries), _b(entries, spec))
     factor = dora_factor(kernel, delta, entries[MAGNITUDE], tuple(range(spec.in_ndim)))
-    bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
-    base = y if bias is None else y - bias
+    base = dropped_base
+    if base is None:
+        bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
+        base = y if bias is None else y - bias
     return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
 
 
@@ -75,9 +96,8 @@ def _b(entries: dict, spec: ModuleSpec) -> jax.Array:
 
 
 def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallContext, spec: ModuleSpec) -> jax.Array:
-    """``(drop(x) @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x."""
+    """``(x @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x (the LoRA input)."""
     a = entries[LORA_A]
-    x = ctx.drop(x.astype(a.dtype))
     in_axes = tuple(range(len(x_axes)))
     if spec.adapters:  # one adapter per example: gather (in, r) and (r, out) slices, never (in, out)
         idx, scale = _example_adapters(entries, ctx, spec)
@@ -108,20 +128,22 @@ def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tupl
 
 
 def dense_side(module, args, kwargs, y, entries, spec, ctx):
-    x = _input(args, kwargs)
-    return _finish(module, y, _contract(x, entries, (x.ndim - 1,), ctx, spec), entries, spec)
+    x = ctx.lora_input(_input(args, kwargs), entries)
+    lora = _contract(x, entries, (x.ndim - 1,), ctx, spec)
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
 
 
 def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
-    x = _input(args, kwargs)
+    x = ctx.lora_input(_input(args, kwargs), entries)
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
-    return _finish(module, y, _contract(x, entries, axes, ctx, spec), entries, spec)
+    lora = _contract(x, entries, axes, ctx, spec)
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
 
 
 def einsum_side(module, args, kwargs, y, entries, spec, ctx):
     _single_adapter_only(spec, "Einsum")
-    x = _input(args, kwargs)
+    x = ctx.lora_input(_input(args, kwargs), entries)
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
     spec_str = (einsum_str or module.einsum_str).replace(" ", "")
     lhs, out = spec_str.split("->")
@@ -130,10 +152,9 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
     outs = [c for c in k_sub if c not in ins]
     r = next(c for c in string.ascii_letters if c not in spec_str)
     x_rest = "".join(c for c in x_sub if c not in ins)
-    a = entries[LORA_A]
-    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", ctx.drop(x.astype(a.dtype)), a)
+    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A])
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
-    return _finish(module, y, lora, entries, spec)
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str))
 
 
 def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings
@@ -150,11 +171,12 @@ def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout
 
 def conv_side(module, args, kwargs, y, entries, spec, ctx):
     _single_adapter_only(spec, "Conv")
-    x = _input(args, kwargs)
+    x = ctx.lora_input(_input(args, kwargs), entries)
     a = entries[LORA_A]
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
-    xa = down.apply({"params": {"kernel": a}}, ctx.drop(x.astype(a.dtype)))
-    return _finish(module, y, jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1), entries, spec)
+    xa = down.apply({"params": {"kernel": a}}, x)
+    lora = jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1)
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
 
 
 def _single_adapter_only(spec: ModuleSpec, what: str) -> None:

@@ -44,10 +44,10 @@ def _site_of(module: nn.Module) -> tuple[int, dict] | None:
     return None
 
 
-def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module) -> Callable:
-    """LoRA-branch dropout for one module call (identity without a key or with rate 0)."""
+def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module) -> Callable | None:
+    """LoRA-branch dropout for one module call (None without a key or with rate 0)."""
     if key is None or rate == 0.0:
-        return lambda x: x
+        return None
     key = jax.random.fold_in(jax.random.fold_in(key, site), zlib.crc32("/".join(module.path).encode()))
 
     def drop(x):

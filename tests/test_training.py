@@ -3,6 +3,7 @@ round trips through jlora.save into PEFT, fresh adapters from jlora.init."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 import jlora
 from peft_twin import build_twin, flax_logits_wrapped, rel_err, torch_logits
-from test_parity_models import llama
+from test_parity_models import gpt2, llama
 
 
 def llama_with_biases():
@@ -34,11 +35,11 @@ LORA = {
 }
 
 
-def jax_loss_fn(model):
+def jax_loss_fn(model, **wrapped_kwargs):
     fwd = jlora.wrap(model.__call__)
 
     def loss(trainable, frozen, ids):
-        logits = fwd(ids, params=jlora.combine(trainable, frozen)).logits[:, :-1]
+        logits = fwd(ids, params=jlora.combine(trainable, frozen), **wrapped_kwargs).logits[:, :-1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
@@ -195,6 +196,71 @@ def test_no_gradient_for_frozen_kernels(tmp_path):
     frozen_shapes = {(32, 48), (48, 32), (64, 32), (32, 64)}  # mlp kernels, embedding, lm_head
     shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")}
     assert not shapes & frozen_shapes
+
+
+class _FixedMask(torch.nn.Module):
+    """Dropout with a mask fixed by the input's shape, so torch and JAX drop the very same entries."""
+
+    def forward(self, x):
+        return x * torch.as_tensor(_mask(tuple(x.shape)), dtype=x.dtype)
+
+
+def _mask(shape: tuple, keep: float = 0.7) -> np.ndarray:
+    rng = np.random.default_rng(abs(hash(shape)) % 2**32)
+    return ((rng.random(shape) < keep) / keep).astype(np.float32)
+
+
+def gpt2_without_dropout():
+    torch_cls, flax_cls, cfg = gpt2()
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0  # only the LoRA branch drops (torch runs in train mode)
+    return torch_cls, flax_cls, cfg
+
+
+DROPOUT_CASES = {**LORA, "gpt2_dora": (gpt2_without_dropout, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                                   fan_in_fan_out=True, use_dora=True))}
+
+
+@pytest.mark.parametrize("case", ["plain", "dora", "gpt2_dora"])
+def test_dropout_matches_peft_train_mode(tmp_path, monkeypatch, case):
+    """PEFT in train mode with lora_dropout (DoRA: its base term is computed on the dropped input, without
+    the bias) vs jlora with a dropout key, both dropping the same entries: same loss and gradients."""
+    make_model, lora = DROPOUT_CASES[case]
+    torch_cls, flax_cls, cfg = make_model()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, {**lora, "lora_dropout": 0.3})
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(twin.torch_base), twin.adapter_dir, is_trainable=True).train()
+    swapped = 0
+    for module in pm.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = _FixedMask()
+            swapped += 1
+    assert swapped == len(lora["target_modules"]) * cfg.num_hidden_layers
+    ids = twin.inputs["input_ids"]
+    loss_t = pm(input_ids=torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss
+    loss_t.backward()
+    want = torch_grads_by_peft_key(pm)
+
+    wrap_module = importlib.import_module("jlora.wrap")
+    real_dropout = wrap_module._dropout
+    seen = []
+
+    def fixed(key, rate, site, module):
+        if key is None:  # wrap's abstract probe runs without a key
+            return real_dropout(key, rate, site, module)
+        assert rate == pytest.approx(0.3)
+        seen.append(site)
+        return lambda x: x * jnp.asarray(_mask(tuple(x.shape)), x.dtype)
+
+    monkeypatch.setattr(wrap_module, "_dropout", fixed)
+    lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    trainable, frozen = jlora.split(lp)
+    loss = jax_loss_fn(twin.flax_model, lora_dropout_key=jax.random.key(0))
+    loss_j, grads = jax.value_and_grad(loss)(trainable, frozen, jnp.asarray(ids))
+    assert len(seen) == swapped
+    assert rel_err(loss_j, loss_t.item()) <= 1e-4
+    got = jlora.to_peft_tensors(jlora.combine(grads, frozen))
+    assert set(want) <= set(got)
+    for key, g in want.items():
+        assert rel_err(got[key], g) <= 1e-4, key
 
 
 def test_dropout_only_with_a_key(tmp_path):
