@@ -2,7 +2,8 @@
 
 ``jlora.load(params, {"a": src_a, "b": src_b})`` stacks the adapters of every module along a
 leading adapter axis (ranks zero-padded to the largest; a module an adapter does not target holds
-zeros for it), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
+zeros for it; a stacked kernel's leaves keep its layer axis where the kernel has it, so that a scan
+slices them to one layer's ``(adapters, ...)``), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
 in one jitted call, gathering only (in, r) and (r, out) slices per example.
 
 Example:
@@ -28,8 +29,7 @@ from .errors import AdapterError
 from .targeting import module_scale
 from .tree import LORA_A, LORA_B, RANK_SCALE, AdaptedModule, ModuleSpec, adapted_modules, get_path, set_paths
 
-_MULTI_UNSUPPORTED = ("dora", "lora_bias", "replacement tensors (biases, modules_to_save, trainable tokens)",
-                      "stacked layers")
+_MULTI_UNSUPPORTED = ("dora", "lora_bias", "replacement tensors (biases, modules_to_save, trainable tokens)")
 
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
@@ -41,17 +41,32 @@ def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
 def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
     spec = node.spec
     problems = [what for what, bad in zip(_MULTI_UNSUPPORTED, (
-        spec.dora, "lora_bias" in node, _replaces_base(node, base) or not spec.has_lora,
-        spec.layer_axis is not None)) if bad]
+        spec.dora, "lora_bias" in node, _replaces_base(node, base) or not spec.has_lora)) if bad]
     if problems:
         raise AdapterError(f"adapter {name!r}, module {spec.peft_name}: several adapters in one tree do not support "
                            f"{', '.join(problems)}; load this adapter on its own")
 
 
-def _column_scales(node: AdaptedModule) -> jax.Array:
-    """The module's ``lora_scale`` as one value per rank column, shaped like ``lora_A``'s (1..., r)."""
-    a = node[LORA_A]
-    return jnp.broadcast_to(node[RANK_SCALE], (1,) * (a.ndim - 1) + (a.shape[-1],))
+def _layers_first(x: Any, layer_axis: int | None) -> Any:
+    """A leaf of a stacked kernel's adapter with its layer axis moved to the front (``x[None]`` when
+    unstacked); numpy or jax arrays, kept as they are."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.moveaxis(x, min(layer_axis, x.ndim - 1), 0) if layer_axis is not None else x[None]
+
+
+def _layers_back(x: Any, layer_axis: int | None) -> Any:
+    """Inverse of :func:`_layers_first`: the layer axis back where the kernel has it."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.moveaxis(x, 0, min(layer_axis, x.ndim - 1)) if layer_axis is not None else x[0]
+
+
+def _column_scales(node: AdaptedModule) -> np.ndarray:
+    """The module's ``lora_scale`` as one value per rank column, shaped like ``lora_A`` with the layer axis
+    first: ``(layers, 1..., r)``."""
+    a = _layers_first(node[LORA_A], node.spec.layer_axis)
+    scale = np.asarray(node[RANK_SCALE])
+    scale = _layers_first(scale, node.spec.layer_axis) if scale.ndim else scale
+    return np.broadcast_to(scale, (a.shape[0],) + (1,) * (a.ndim - 2) + (a.shape[-1],))
 
 
 def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
@@ -66,11 +81,13 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
     updates = {}
     for path, by_name in nodes.items():
         some = next(iter(by_name.values()))
+        layer_axis = some.spec.layer_axis
         width = max(n[LORA_A].shape[-1] for n in by_name.values())
-        a_shape, b_shape = some[LORA_A].shape[:-1], some[LORA_B].shape[1:]
-        a = np.zeros((len(names), *a_shape, width), np.float32)
-        b = np.zeros((len(names), width, *b_shape), np.float32)
-        scale = np.zeros((len(names),) + (1,) * len(a_shape) + (width,), np.float32)
+        a_shape = _layers_first(some[LORA_A], layer_axis).shape[:-1]  # (layers, in...)
+        b_shape = _layers_first(some[LORA_B], layer_axis).shape  # (layers, r, out...)
+        a = np.zeros((a_shape[0], len(names), *a_shape[1:], width), np.float32)
+        b = np.zeros((b_shape[0], len(names), width, *b_shape[2:]), np.float32)
+        scale = np.zeros((a_shape[0], len(names)) + (1,) * (len(a_shape) - 1) + (width,), np.float32)
         entries = []
         for i, name in enumerate(names):
             node = by_name.get(name)
@@ -78,12 +95,14 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
                 entries.append((name, None, 0))
                 continue
             r = node[LORA_A].shape[-1]
-            a[i, ..., :r], b[i, :r] = np.asarray(node[LORA_A]), np.asarray(node[LORA_B])
-            scale[i, ..., :r] = np.asarray(_column_scales(node))
+            a[:, i, ..., :r] = _layers_first(node[LORA_A], layer_axis)
+            b[:, i, :r] = _layers_first(node[LORA_B], layer_axis)
+            scale[:, i, ..., :r] = _column_scales(node)
             entries.append((name, node.spec, r))
         dtype = some[LORA_A].dtype
-        children = {**get_path(params, path), LORA_A: jnp.asarray(a, dtype), LORA_B: jnp.asarray(b, dtype),
-                    RANK_SCALE: jnp.asarray(scale)}
+        children = {**get_path(params, path), LORA_A: jnp.asarray(_layers_back(a, layer_axis), dtype),
+                    LORA_B: jnp.asarray(_layers_back(b, layer_axis), dtype),
+                    RANK_SCALE: jnp.asarray(_layers_back(scale, layer_axis))}
         spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
                                    adapters=tuple(entries))
         updates[path] = AdaptedModule(children, spec)
@@ -110,12 +129,14 @@ def select(lora_params: Any, name: str) -> Any:
         _, spec, width = node.spec.adapters[i]
         if spec is None:
             return node.base_children()
-        children = {**node.base_children(), LORA_A: node[LORA_A][i][..., :width], LORA_B: node[LORA_B][i][:width]}
-        scales = node[RANK_SCALE][i][..., :width]
-        per_column = len(spec.sources) != 1 or spec.layer_axis is not None or \
-            spec.sources[0].placement.part_axis is not None
-        children[RANK_SCALE] = scales if per_column else scales.reshape(-1)[0]  # simple modules: a scalar
-        return AdaptedModule(children, spec)
+        layer_axis = spec.layer_axis
+        a, b, scales = (_layers_first(node[key], layer_axis)[:, i] for key in (LORA_A, LORA_B, RANK_SCALE))
+        scales = scales[..., :width]
+        per_column = len(spec.sources) != 1 or layer_axis is not None or spec.sources[0].placement.part_axis is not None
+        return AdaptedModule({**node.base_children(), LORA_A: _layers_back(a[..., :width], layer_axis),
+                              LORA_B: _layers_back(b[:, :width], layer_axis),
+                              RANK_SCALE: _layers_back(scales, layer_axis) if per_column else scales.reshape(-1)[0]},
+                             spec)
 
     if not any(n.spec.adapters for _, n in adapted_modules(lora_params)):
         raise AdapterError("select: the tree holds a single adapter (load a dict of sources for several)")
@@ -156,6 +177,10 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     multi = [n for _, n in adapted_modules(lora_params) if n.spec.adapters]
     if not multi:
         raise AdapterError("add_weighted: the tree holds a single adapter (load a dict of sources)")
+    stacked = sorted(n.spec.peft_name for n in multi if n.spec.layer_axis is not None)
+    if stacked:
+        raise AdapterError("add_weighted does not support stacked (scanned) kernels yet; these modules are stacked",
+                           stacked)
     chosen = list(weights)
     configs = {}
     for node in multi:

@@ -100,6 +100,9 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
     a = entries[LORA_A]
     in_axes = tuple(range(len(x_axes)))
     if spec.adapters:  # one adapter per example: gather (in, r) and (r, out) slices, never (in, out)
+        if a.ndim != len(x_axes) + 2:
+            raise AdapterError(f"{spec.peft_name}: a stacked kernel's adapters reach the module unsliced; mixed "
+                               "batches need the layers sliced (nn.scan), one adapter can run with jlora.select")
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
         xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
