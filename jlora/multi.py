@@ -27,7 +27,8 @@ import numpy as np
 from .config import LoraConfig
 from .errors import AdapterError
 from .targeting import module_scale
-from .tree import LORA_A, LORA_B, RANK_SCALE, AdaptedModule, ModuleSpec, adapted_modules, get_path, set_paths
+from .tree import (LORA_A, LORA_B, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path,
+                   set_paths)
 
 _MULTI_UNSUPPORTED = ("dora", "lora_bias", "replacement tensors (biases, modules_to_save, trainable tokens)")
 
@@ -177,10 +178,11 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     multi = [n for _, n in adapted_modules(lora_params) if n.spec.adapters]
     if not multi:
         raise AdapterError("add_weighted: the tree holds a single adapter (load a dict of sources)")
-    stacked = sorted(n.spec.peft_name for n in multi if n.spec.layer_axis is not None)
-    if stacked:
-        raise AdapterError("add_weighted does not support stacked (scanned) kernels yet; these modules are stacked",
-                           stacked)
+    fused = sorted(n.spec.peft_name for n in multi if any(src.placement.fused for _, spec, _ in n.spec.adapters
+                                                          if spec is not None for src in spec.sources))
+    if fused:
+        raise AdapterError("add_weighted does not support fused kernels (several PEFT modules in one kernel); "
+                           "these modules are fused", fused)
     chosen = list(weights)
     configs = {}
     for node in multi:
@@ -199,30 +201,49 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     config_json = config.to_json()
 
     def combine(node: AdaptedModule):
+        """One module, layer by layer for a stacked kernel (as PEFT combines each layer's module)."""
         if not node.spec.adapters:
             return node
-        parts = []
-        for name in chosen:
-            i = _index(node.spec, name)
-            _, spec, width = node.spec.adapters[i]
-            if spec is not None:
-                a = np.asarray(node[LORA_A][i][..., :width], np.float32)
-                b = np.asarray(node[LORA_B][i][:width], np.float32)
-                s = np.asarray(node[RANK_SCALE][i][..., :width], np.float32)
-                parts.append((weights[name], a, b, s, spec))
-        if not parts:
+        layer_axis = node.spec.layer_axis
+        a_all, b_all, s_all = (np.asarray(_layers_first(node[k], layer_axis), np.float32)
+                               for k in (LORA_A, LORA_B, RANK_SCALE))
+        a_new = np.zeros((a_all.shape[0], *a_all.shape[2:-1], new_rank), np.float32)
+        b_new = np.zeros((b_all.shape[0], new_rank, *b_all.shape[3:]), np.float32)
+        scale = np.zeros((a_all.shape[0],) + (1,) * (a_new.ndim - 2) + (new_rank,), np.float32)
+        sources = []
+        for layer in range(a_all.shape[0]):
+            parts = []
+            for name in chosen:
+                i = _index(node.spec, name)
+                _, spec, width = node.spec.adapters[i]
+                source = _source_at(spec, layer)
+                if source is not None:  # PEFT skips an adapter on a module it does not have
+                    parts.append((weights[name], a_all[layer, i, ..., :width], b_all[layer, i, :width],
+                                  s_all[layer, i, ..., :width], spec))
+            if parts:
+                a_new[layer], b_new[layer] = _COMBINE[method](parts, new_rank)
+                source = dataclasses.replace(_source_at(parts[0][4], layer), rank=new_rank, offset=0)
+                scale[layer] = module_scale(config, source.peft_name)
+                sources.append(source)
+        if not sources:
             return node.base_children()
-        a_new, b_new = _COMBINE[method](parts, new_rank)
-        spec0 = parts[0][4]
-        source = dataclasses.replace(spec0.sources[0], rank=new_rank, offset=0)
-        spec = dataclasses.replace(spec0, sources=(source,), config_json=config_json)
+        spec = dataclasses.replace(next(s for _, s, _ in node.spec.adapters if s is not None), sources=tuple(sources),
+                                   config_json=config_json)
         dtype = node[LORA_A].dtype
-        return AdaptedModule({**node.base_children(), LORA_A: jnp.asarray(a_new, dtype),
-                              LORA_B: jnp.asarray(b_new, dtype),
-                              RANK_SCALE: jnp.asarray(module_scale(config, spec0.peft_name), jnp.float32)}, spec)
+        new_scale = _layers_back(scale, layer_axis) if layer_axis is not None else scale.reshape(-1)[0]
+        return AdaptedModule({**node.base_children(), LORA_A: jnp.asarray(_layers_back(a_new, layer_axis), dtype),
+                              LORA_B: jnp.asarray(_layers_back(b_new, layer_axis), dtype),
+                              RANK_SCALE: jnp.asarray(new_scale, jnp.float32)}, spec)
 
     return jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
                                   is_leaf=lambda x: isinstance(x, AdaptedModule))
+
+
+def _source_at(spec: ModuleSpec | None, layer: int) -> FactorSource | None:
+    """The adapter's factors at ``layer`` of a stacked kernel (any layer when unstacked), or None."""
+    if spec is None:
+        return None
+    return next((src for src in spec.sources if spec.layer_axis is None or src.placement.layer == layer), None)
 
 
 def _cat(parts, new_rank):

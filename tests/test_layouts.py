@@ -136,10 +136,12 @@ def test_nnx_fused_kv_parity(tmp_path, adapter):
 
 
 def test_scanned_mixed_batch_matches_peft(tmp_path):
-    """Several adapters on a scanned model (ranks 2-6 with patterns, one touching only some layers):
-    a mixed batch matches PEFT's adapter_names, and select gives back each adapter exactly."""
+    """Several adapters on a scanned model (ranks 2-6 with patterns, one touching only layer 1): a mixed
+    batch matches PEFT's adapter_names, select gives back each adapter exactly, and add_weighted matches
+    PEFT's add_weighted_adapter layer by layer."""
     cfg, base, _ = torch_llama(tmp_path / "a", ADAPTERS["patterns"])
-    torch_llama(tmp_path / "b", ADAPTERS["untouched_layers"], seed=0)  # same seed: the same base model
+    only_layer_1 = dict(r=3, lora_alpha=6, target_modules=["k_proj", "v_proj"], layers_to_transform=[1])
+    torch_llama(tmp_path / "b", only_layer_1, seed=0)  # same seed: the same base model
     judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a" / "adapter", adapter_name="a")
     judge.load_adapter(tmp_path / "b" / "adapter", adapter_name="b")
     ids = np.concatenate([IDS, IDS[:1] + 1])
@@ -160,8 +162,23 @@ def test_scanned_mixed_batch_matches_peft(tmp_path):
         assert jax.tree_util.tree_structure(picked) == jax.tree_util.tree_structure(alone)
         for x, y in zip(jax.tree_util.tree_leaves(picked), jax.tree_util.tree_leaves(alone)):
             np.testing.assert_array_equal(x, y)
-    with pytest.raises(jlora.AdapterError, match="stacked"):
-        jlora.add_weighted(lp, {"a": 0.5, "b": 0.5})
+
+    for method, weights in (("cat", {"a": 0.7, "b": -0.4}), ("svd", {"a": 1.0, "b": 0.5})):  # layer by layer, as PEFT
+        judge.add_weighted_adapter(list(weights), list(weights.values()), method, combination_type=method)
+        judge.set_adapter(method)
+        want = torch_out(judge.eval(), IDS)
+        blend = jlora.add_weighted(lp, weights, method=method)
+        got = jax.jit(jlora.wrap(model.apply))({"params": blend}, IDS)
+        assert rel_err(got, want) <= (1e-4 if method == "cat" else 1e-3), method  # svd: float32 spectra
+        out = jlora.save(blend, tmp_path / method)
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+        assert rel_err(got, torch_out(again, IDS)) <= 1e-4, method
+        if method == "cat":  # exact: the same tensors as PEFT's combination, untouched layers included
+            mine = load_file(out / "adapter_model.safetensors")
+            theirs = {k: v for k, v in peft.get_peft_model_state_dict(judge, adapter_name="cat").items()}
+            assert set(mine) == set(theirs)
+            for key in theirs:
+                np.testing.assert_allclose(mine[key].numpy(), theirs[key].numpy(), rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_scanned_init_train_save_loads_in_peft(tmp_path):
