@@ -158,6 +158,11 @@ def wrap(fn: Callable) -> Callable:
             warned.add(tuple(names))
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call", stacklevel=2)
+        dropped = sorted(sites[i].spec.peft_name for i in fallback if sites[i].spec.dropout > 0)
+        if lora_dropout_key is not None and dropped and ("dropout",) + tuple(dropped) not in warned:
+            warned.add(("dropout",) + tuple(dropped))
+            warnings.warn(f"jlora.wrap: lora_dropout is not applied to {dropped}: their kernels are merged inside "
+                          "the call, where the LoRA branch has no input of its own to drop", stacklevel=2)
         new_args, new_kwargs = rebuild(leaves, treedef, sites, fallback)
         specs = {i: n.spec for i, n in sites.items()}
         with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids)):

@@ -2,6 +2,7 @@
 module class without one, module.apply with nested params, and agreement with jlora.merge."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import flax.linen as nn
@@ -81,6 +82,20 @@ def test_fallback_warning_is_given_once(setup):
         fwd({"params": lp}, x)
         fwd({"params": lp}, x)
     assert sum("no unmerged side path" in str(w.message) for w in caught) == 1
+
+
+def test_dropout_on_merged_fallback_is_reported(setup):
+    x, _, lp, _ = setup
+    lp = dict(lp, raw=AdaptedModule(dict(lp["raw"]), dataclasses.replace(lp["raw"].spec, dropout=0.1)))
+    fwd = jlora.wrap(Net().apply)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fwd({"params": lp}, x)  # no key: no dropout anywhere, nothing to report
+        fwd({"params": lp}, x, lora_dropout_key=jax.random.key(0))
+        fwd({"params": lp}, x, lora_dropout_key=jax.random.key(1))
+    assert [str(w.message) for w in caught if "lora_dropout is not applied" in str(w.message)] == [
+        "jlora.wrap: lora_dropout is not applied to ['raw']: their kernels are merged inside the call, where the "
+        "LoRA branch has no input of its own to drop"]
 
 
 def test_side_path_does_not_form_merged_kernel(setup):
