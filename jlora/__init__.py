@@ -14,6 +14,7 @@ from .load import load, place
 from .init import init
 from .merge import merge
 from .multi import add_weighted, select
+from .nnx_model import nnx_model
 from .save import save, to_peft_tensors
 from .train import combine, count_trainable, optimizer, split, trainable_mask
 from .tree import AdaptedModule, ModuleSpec
@@ -22,6 +23,6 @@ from .wrap import wrap
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
     "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "combine", "count_trainable", "init", "load",
-    "merge", "optimizer", "place", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "merge", "nnx_model", "optimizer", "place", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModul
 SITE_PREFIX = "__jlora_site_"
 
 
-def _side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
+def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
     return {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
 
 
@@ -44,11 +44,12 @@ def _site_of(module: nn.Module) -> tuple[int, dict] | None:
     return None
 
 
-def _dropout(key: jax.Array | None, rate: float, site: int, module: nn.Module) -> Callable | None:
-    """LoRA-branch dropout for one module call (None without a key or with rate 0)."""
+def lora_dropout(key: jax.Array | None, rate: float, site: int, name: str) -> Callable | None:
+    """LoRA-branch dropout for one module call (None without a key or with rate 0); ``name``: the
+    module's path, folded into the key with the site index."""
     if key is None or rate == 0.0:
         return None
-    key = jax.random.fold_in(jax.random.fold_in(key, site), zlib.crc32("/".join(module.path).encode()))
+    key = jax.random.fold_in(jax.random.fold_in(key, site), zlib.crc32(name.encode()))
 
     def drop(x):
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -70,10 +71,20 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout
         if handled is not None:
             handled.add(index)
         y = next_fun(*args, **kwargs)
-        ctx = CallContext(_dropout(dropout_key, specs[index].dropout, index, context.module), adapter_ids)
+        drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path))
+        ctx = CallContext(drop, adapter_ids)
         return side(context.module, args, kwargs, y, entries, specs[index], ctx)
 
     return intercept
+
+
+def require_adapter_ids(nodes, adapter_ids: jax.Array | None) -> list[str]:
+    """The adapter names of a multi-adapter tree (empty for one adapter); raises when ``adapter_ids`` is missing."""
+    multi = sorted({name for n in nodes for name, *_ in n.spec.adapters})
+    if multi and adapter_ids is None:
+        raise AdapterError(f"the parameters hold several adapters {multi}: pass adapter_ids=... (one index per "
+                           "example into that list, -1 for the base model), or use jlora.select(params, name)")
+    return multi
 
 
 def _is_array(x: Any) -> bool:
@@ -109,7 +120,7 @@ def wrap(fn: Callable) -> Callable:
             else:
                 new[i] = plain_module(node)
                 if node.spec.has_lora:
-                    new[i][f"{SITE_PREFIX}{i}"] = _side_entries(node)
+                    new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
     def handled_sites(leaves, treedef, sites, adapter_ids) -> frozenset[int]:
@@ -145,10 +156,7 @@ def wrap(fn: Callable) -> Callable:
         sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
         if not sites:
             return fn(*args, **kwargs)
-        multi = sorted({name for n in sites.values() for name, *_ in n.spec.adapters})
-        if multi and adapter_ids is None:
-            raise AdapterError(f"the parameters hold several adapters {multi}: pass adapter_ids=... (one index per "
-                               "example into that list, -1 for the base model), or use jlora.select(params, name)")
+        multi = require_adapter_ids(sites.values(), adapter_ids)
         lora_sites = {i for i, n in sites.items() if n.spec.has_lora}
         fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites, adapter_ids)) if lora_sites else frozenset()
         names = sorted(sites[i].spec.peft_name for i in fallback)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("quickstart.py", []),
     ("multi_adapter.py", []),
     ("hot_swap.py", []),
+    ("nnx_training.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):

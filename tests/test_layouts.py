@@ -4,6 +4,7 @@ both converted from a PyTorch LlamaForCausalLM on which PEFT made the adapter.""
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import jax
@@ -120,6 +121,19 @@ def test_nnx_fused_kv_parity(tmp_path, adapter):
     with pytest.warns(UserWarning, match="no unmerged side path"):  # NNX modules: merged inside the call
         wrapped = jax.jit(jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids)))(lp, IDS)
     assert rel_err(wrapped, want) <= 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # jlora.nnx_model: every adapted module runs its side path
+        unmerged = jax.jit(lambda p, ids: jlora.nnx_model(graphdef, p)(ids))(lp, IDS)
+    assert rel_err(unmerged, want) <= 1e-4
+    kernels = {tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(pure)[0] if path[-1].key == "kernel"}
+    for name, fn in (("wrap", jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids))),
+                     ("nnx_model", lambda p, ids: jlora.nnx_model(graphdef, p)(ids))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eqns = jax.make_jaxpr(fn)(lp, IDS).jaxpr.eqns
+        merges = [e for e in eqns if e.primitive.name == "add" and tuple(e.outvars[0].aval.shape) in kernels]
+        # only the in-call merge forms kernel-sized sums (and DoRA's weight norm, as in PEFT)
+        assert bool(merges) == (name == "wrap" or adapter == "dora"), name
     assert rel_err(forward(jlora.merge(lp), IDS), torch_out(judge.merge_and_unload(), IDS)) <= 1e-4
     original = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     saved = jlora.to_peft_tensors(lp)
@@ -213,7 +227,8 @@ def test_scanned_init_train_save_loads_in_peft(tmp_path):
 
 
 def test_nnx_state_load_train_save(tmp_path):
-    """The NNX workflow: load onto nnx.State, run and train through nnx.merge, save for PEFT."""
+    """The NNX workflow: load onto nnx.State, train through jlora.nnx_model (same gradients as wrap's in-call
+    merge), save for PEFT."""
     from flax import nnx
 
     from llama_variants import NnxLlama
@@ -226,20 +241,27 @@ def test_nnx_state_load_train_save(tmp_path):
     trainable, frozen = jlora.split(lp)
     tx = optax.adam(1e-2)
     opt_state = tx.init(trainable)
-    fwd = jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids))
+    merged_in_call = jlora.wrap(lambda p, ids: nnx_logits(graphdef, p, ids))
+
+    def loss(tr, ids, fwd=lambda p, ids: jlora.nnx_model(graphdef, p)(ids)):
+        logits = fwd(jlora.combine(tr, frozen), ids)[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = jax.grad(loss)(trainable, jnp.asarray(IDS), merged_in_call)
+    for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, jnp.asarray(IDS))),
+                         jax.tree_util.tree_leaves(reference)):
+        assert rel_err(got, want) <= 1e-5
 
     @jax.jit
     def step(trainable, opt_state, ids):
-        def loss(tr):
-            logits = fwd(jlora.combine(tr, frozen), ids)[:, :-1]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(trainable)
+        value, grads = jax.value_and_grad(loss)(trainable, ids)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # every adapted module runs its side path
         losses = []
         for _ in range(5):
             trainable, opt_state, value = step(trainable, opt_state, jnp.asarray(IDS))
@@ -252,6 +274,51 @@ def test_nnx_state_load_train_save(tmp_path):
     out = jlora.save(trained, tmp_path / "trained")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     assert rel_err(merged_model(jnp.asarray(IDS)), torch_out(pm.merge_and_unload(), IDS)) <= 1e-4
+
+
+def test_nnx_mixed_batch_matches_peft(tmp_path):
+    """jlora.nnx_model with several adapters (one with rank patterns over the fused kv kernel, one on layer 1
+    only) and adapter_ids: PEFT's adapter_names; without adapter_ids, a clear error."""
+    cfg, base, _ = torch_llama(tmp_path / "a", ADAPTERS["patterns"])
+    torch_llama(tmp_path / "b", dict(r=3, lora_alpha=6, target_modules=["k_proj", "v_proj"], layers_to_transform=[1]))
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a" / "adapter", adapter_name="a")
+    judge.load_adapter(tmp_path / "b" / "adapter", adapter_name="b")
+    ids = np.concatenate([IDS, IDS[:1] + 1])
+    with torch.no_grad():
+        want = judge.eval()(input_ids=torch.as_tensor(ids).long(), adapter_names=["b", "__base__", "a"]).logits.numpy()
+    graphdef, state = make_nnx_llama(cfg, abstract=True)
+    pure = nnx_pure_params_from_torch(base.state_dict(), cfg, template=state)
+    lp = jlora.load(pure, {name: tmp_path / name / "adapter" for name in ("a", "b")}, layout=NNX)
+    forward = jax.jit(lambda p, ids, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = forward(lp, ids, jnp.array([1, -1, 0]))
+    assert rel_err(got, want) <= 1e-4
+    with pytest.raises(jlora.AdapterError, match="adapter_ids"):
+        jlora.nnx_model(graphdef, lp)
+
+
+def test_nnx_dora_dropout_matches_peft_train_mode(tmp_path, monkeypatch):
+    """DoRA with lora_dropout through jlora.nnx_model: PEFT in train mode, both dropping the same entries
+    (DoRA's base term is the module on the dropped input, without bias)."""
+    from test_training import FixedMask, fixed_mask
+
+    cfg, base, judge = torch_llama(tmp_path, {**ADAPTERS["dora"], "lora_dropout": 0.3})
+    judge.train()
+    for module in judge.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = FixedMask()
+    want = torch_out(judge, IDS)
+    graphdef, state = make_nnx_llama(cfg, abstract=True)
+    lp = jlora.load(nnx_pure_params_from_torch(base.state_dict(), cfg, template=state), tmp_path / "adapter",
+                    layout=NNX)
+    def fixed(key, rate, site, name):
+        return None if key is None else lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)
+
+    monkeypatch.setattr(importlib.import_module("jlora.nnx_model"), "lora_dropout", fixed)
+    got = jlora.nnx_model(graphdef, lp, lora_dropout_key=jax.random.key(0))(IDS)
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(jlora.nnx_model(graphdef, lp)(IDS), want) > 1e-3  # the dropout matters
 
 
 def test_dora_must_cover_a_fused_kernel(tmp_path):

@@ -198,14 +198,14 @@ def test_no_gradient_for_frozen_kernels(tmp_path):
     assert not shapes & frozen_shapes
 
 
-class _FixedMask(torch.nn.Module):
+class FixedMask(torch.nn.Module):
     """Dropout with a mask fixed by the input's shape, so torch and JAX drop the very same entries."""
 
     def forward(self, x):
-        return x * torch.as_tensor(_mask(tuple(x.shape)), dtype=x.dtype)
+        return x * torch.as_tensor(fixed_mask(tuple(x.shape)), dtype=x.dtype)
 
 
-def _mask(shape: tuple, keep: float = 0.7) -> np.ndarray:
+def fixed_mask(shape: tuple, keep: float = 0.7) -> np.ndarray:
     rng = np.random.default_rng(abs(hash(shape)) % 2**32)
     return ((rng.random(shape) < keep) / keep).astype(np.float32)
 
@@ -231,7 +231,7 @@ def test_dropout_matches_peft_train_mode(tmp_path, monkeypatch, case):
     swapped = 0
     for module in pm.modules():
         if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
-            module.lora_dropout["default"] = _FixedMask()
+            module.lora_dropout["default"] = FixedMask()
             swapped += 1
     assert swapped == len(lora["target_modules"]) * cfg.num_hidden_layers
     ids = twin.inputs["input_ids"]
@@ -240,17 +240,17 @@ def test_dropout_matches_peft_train_mode(tmp_path, monkeypatch, case):
     want = torch_grads_by_peft_key(pm)
 
     wrap_module = importlib.import_module("jlora.wrap")
-    real_dropout = wrap_module._dropout
+    real_dropout = wrap_module.lora_dropout
     seen = []
 
-    def fixed(key, rate, site, module):
+    def fixed(key, rate, site, name):
         if key is None:  # wrap's abstract probe runs without a key
-            return real_dropout(key, rate, site, module)
+            return real_dropout(key, rate, site, name)
         assert rate == pytest.approx(0.3)
         seen.append(site)
-        return lambda x: x * jnp.asarray(_mask(tuple(x.shape)), x.dtype)
+        return lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)
 
-    monkeypatch.setattr(wrap_module, "_dropout", fixed)
+    monkeypatch.setattr(wrap_module, "lora_dropout", fixed)
     lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
     trainable, frozen = jlora.split(lp)
     loss = jax_loss_fn(twin.flax_model, lora_dropout_key=jax.random.key(0))

@@ -1,0 +1,142 @@
+"""``nnx_model(graphdef, lora_params)``: an NNX model that runs its adapter unmerged.
+
+NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an adapter into the
+kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
+caller in front of every adapted ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Embed``: it runs the
+module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
+``lora_dropout``, DoRA, several adapters per batch). Other module types and stacked kernels get their
+kernel merged in the call, with a warning. The model is built for one call (inside ``jax.jit`` or a
+loss function): the adapter arrays are its inputs, so gradients reach them.
+
+Example:
+    >>> graphdef, state = nnx.split(model)
+    >>> lp = jlora.load(state, "adapter_dir", layout=my_layout)
+    >>> forward = jax.jit(lambda lp, ids: jlora.nnx_model(graphdef, lp)(ids))
+    >>> logits = forward(lp, ids)
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+from flax import nnx
+
+from .merge import merged_module, plain_module
+from .side_paths import CallContext, dense_general_side, dense_side, embed_side
+from .tree import AdaptedModule, ModuleSpec, adapted_modules, set_paths
+from .wrap import lora_dropout, require_adapter_ids, side_entries
+
+
+class _NnxModuleView:
+    """The part of a linen module's interface that the side paths use, answered for an NNX module."""
+
+    def __init__(self, module: nnx.Module):
+        self.module = module
+
+    @property
+    def axis(self) -> Any:
+        return self.module.axis
+
+    def get_variable(self, collection: str, name: str) -> jax.Array | None:
+        variable = getattr(self.module, name, None)
+        return None if variable is None else variable[...]
+
+    def clone(self, **fields: Any) -> "_BiasFree":
+        """Its one use (DoRA's base term on the dropped input) asks for the module without bias."""
+        return _BiasFree(self)
+
+
+class _BiasFree:
+    """``apply(variables, x)``: the module's own output for ``x`` without its bias (variables: its kernel)."""
+
+    def __init__(self, view: _NnxModuleView):
+        self.view = view
+
+    def apply(self, variables: dict, x: jax.Array) -> jax.Array:
+        y = self.view.module(x)
+        bias = self.view.get_variable("params", "bias")
+        return y if bias is None else y - bias
+
+
+def _side_path(module: Any):
+    if isinstance(module, nnx.Linear):
+        return dense_side
+    if isinstance(module, nnx.LinearGeneral):
+        return None if module.batch_axis else dense_general_side
+    if isinstance(module, nnx.Embed):
+        return embed_side
+    return None
+
+
+class _SideCaller:
+    """Stands in for an adapted NNX module: the module's own call, plus its side path."""
+
+    def __init__(self, module: nnx.Module, side, entries: dict, spec: ModuleSpec, ctx: CallContext):
+        self.module, self.side, self.entries, self.spec, self.ctx = module, side, entries, spec, ctx
+
+    def __call__(self, *args, **kwargs):
+        y = self.module(*args, **kwargs)
+        return self.side(_NnxModuleView(self.module), args, kwargs, y, self.entries, self.spec, self.ctx)
+
+    def __getattr__(self, name: str) -> Any:  # the model may read the module's attributes (e.g. its kernel)
+        return getattr(self.module, name)
+
+
+def _keys(path: tuple) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _child(node: Any, key: Any) -> Any:
+    return getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
+
+
+def _replace_child(node: Any, key: Any, value: Any) -> None:
+    if isinstance(key, str) and hasattr(node, key):
+        setattr(node, key, value)
+    else:
+        node[key] = value
+
+
+def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | None = None,
+              adapter_ids: jax.Array | None = None) -> nnx.Module:
+    """``nnx.merge(graphdef, ...)`` of a LoRA parameter tree (from ``jlora.load(nnx_state, ...)``), with
+    every adapted ``Linear`` / ``LinearGeneral`` / ``Embed`` running its adapter unmerged.
+
+    ``lora_dropout_key``: apply the adapter's ``lora_dropout`` (training, as PEFT in train mode).
+    ``adapter_ids``: each example's adapter index for a tree holding several adapters (-1 = base).
+
+    Example:
+        >>> def loss(trainable, frozen, ids):
+        ...     logits = jlora.nnx_model(graphdef, jlora.combine(trainable, frozen), lora_dropout_key=key)(ids)
+        ...     return xent(logits, ids)
+    """
+    sites = {_keys(path): node for path, node in adapted_modules(lora_params)}
+    require_adapter_ids(sites.values(), adapter_ids)
+    plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
+    probe = nnx.merge(graphdef, plain)  # only to see each adapted module's class
+    modules = {}
+    for path in sites:
+        module = probe
+        for key in path:
+            module = _child(module, key)
+        modules[path] = module
+    side = {path for path, node in sites.items()
+            if node.spec.has_lora and node.spec.layer_axis is None and _side_path(modules[path]) is not None}
+    merged = sorted(node.spec.peft_name for path, node in sites.items() if node.spec.has_lora and path not in side)
+    if merged:
+        warnings.warn(f"jlora.nnx_model: no unmerged side path for {merged} (module class without one, or a stacked "
+                      "kernel); their kernels are merged inside the call", stacklevel=2)
+    tree = set_paths(plain, {path: merged_module(sites[path]) for path in sites if path not in side}) \
+        if len(side) < len(sites) else plain
+    model = nnx.merge(graphdef, tree)
+    for index, path in enumerate(sorted(side, key=str)):
+        node: AdaptedModule = sites[path]
+        parent = model
+        for key in path[:-1]:
+            parent = _child(parent, key)
+        module = _child(parent, path[-1])
+        drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
+        caller = _SideCaller(module, _side_path(module), side_entries(node), node.spec, CallContext(drop, adapter_ids))
+        _replace_child(parent, path[-1], caller)
+    return model
