@@ -91,6 +91,12 @@ def _child(node: Any, key: Any) -> Any:
     return getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
 
 
+def _at(root: Any, path: tuple) -> Any:
+    for key in path:
+        root = _child(root, key)
+    return root
+
+
 def _replace_child(node: Any, key: Any, value: Any) -> None:
     if isinstance(key, str) and hasattr(node, key):
         setattr(node, key, value)
@@ -114,27 +120,19 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     sites = {_keys(path): node for path, node in adapted_modules(lora_params)}
     require_adapter_ids(sites.values(), adapter_ids)
     plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
-    probe = nnx.merge(graphdef, plain)  # only to see each adapted module's class
-    modules = {}
-    for path in sites:
-        module = probe
-        for key in path:
-            module = _child(module, key)
-        modules[path] = module
+    probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     side = {path for path, node in sites.items()
-            if node.spec.has_lora and node.spec.layer_axis is None and _side_path(modules[path]) is not None}
-    merged = sorted(node.spec.peft_name for path, node in sites.items() if node.spec.has_lora and path not in side)
+            if node.spec.has_lora and node.spec.layer_axis is None and _side_path(_at(probe, path)) is not None}
+    merged = [path for path, node in sites.items() if node.spec.has_lora and path not in side]
+    model = probe
     if merged:
-        warnings.warn(f"jlora.nnx_model: no unmerged side path for {merged} (module class without one, or a stacked "
-                      "kernel); their kernels are merged inside the call", stacklevel=2)
-    tree = set_paths(plain, {path: merged_module(sites[path]) for path in sites if path not in side}) \
-        if len(side) < len(sites) else plain
-    model = nnx.merge(graphdef, tree)
+        warnings.warn(f"jlora.nnx_model: no unmerged side path for {sorted(sites[p].spec.peft_name for p in merged)} "
+                      "(module class without one, or a stacked kernel); their kernels are merged inside the call",
+                      stacklevel=2)
+        model = nnx.merge(graphdef, set_paths(plain, {path: merged_module(sites[path]) for path in merged}))
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
-        parent = model
-        for key in path[:-1]:
-            parent = _child(parent, key)
+        parent = _at(model, path[:-1])
         module = _child(parent, path[-1])
         drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
         caller = _SideCaller(module, _side_path(module), side_entries(node), node.spec, CallContext(drop, adapter_ids))

@@ -321,6 +321,30 @@ def test_nnx_dora_dropout_matches_peft_train_mode(tmp_path, monkeypatch):
     assert rel_err(jlora.nnx_model(graphdef, lp)(IDS), want) > 1e-3  # the dropout matters
 
 
+def test_nnx_model_merges_modules_without_a_side_path():
+    """An nnx.Einsum has no side path in nnx_model: its kernel is merged in the call (one warning); the
+    Linear beside it runs unmerged; the output equals the merged model's."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.Linear(8, 8, rngs=rngs)
+            self.mix = nnx.Einsum("btd,de->bte", (8, 4), rngs=rngs)
+
+        def __call__(self, x):
+            return self.mix(self.proj(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"proj", "proj/kernel", "o i -> i o"), Rule(r"mix", "mix/kernel", "o i -> i o")])
+    config = jlora.LoraConfig(r=2, target_modules=["proj", "mix"], init_lora_weights=False)
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["proj", "mix"])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)
+    with pytest.warns(UserWarning, match=r"nnx_model: no unmerged side path for \['mix'\]"):
+        got = jlora.nnx_model(graphdef, lp)(x)
+    want = nnx.merge(graphdef, jlora.merge(lp))(x)
+    assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
+
+
 def test_dora_must_cover_a_fused_kernel(tmp_path):
     cfg, base, _ = torch_llama(tmp_path, dict(r=2, target_modules=["v_proj"], use_dora=True))
     graphdef, state = make_nnx_llama(cfg, abstract=True)
