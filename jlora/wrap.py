@@ -4,7 +4,8 @@ The adapter travels inside the parameters Flax sees: each adapted module's dict 
 entry with its LoRA factors, and a Flax method interceptor adds ``s * (x @ A) @ B`` to the output of
 every module that has a side path (Dense, DenseGeneral, Einsum, FlaxConv1D, Embed, Conv). Lifted
 transforms (``nn.scan``, ``nn.remat``) slice the hidden entries exactly like the kernel. Modules
-without a side path get their kernel merged inside the call, with a one-time warning.
+without a side path get their kernel merged inside the call, with a one-time warning. NNX modules
+have no interceptors: :func:`jlora.nnx_model` runs NNX models unmerged.
 
 Example:
     >>> forward = jax.jit(jlora.wrap(model.__call__))
@@ -165,7 +166,8 @@ def wrap(fn: Callable) -> Callable:
         if names and tuple(names) not in warned:
             warned.add(tuple(names))
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
-                          "their kernels are merged inside the call", stacklevel=2)
+                          "their kernels are merged inside the call (for NNX models, jlora.nnx_model runs them "
+                          "unmerged)", stacklevel=2)
         dropped = sorted(sites[i].spec.peft_name for i in fallback if sites[i].spec.dropout > 0)
         if lora_dropout_key is not None and dropped and ("dropout",) + tuple(dropped) not in warned:
             warned.add(("dropout",) + tuple(dropped))
