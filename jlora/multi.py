@@ -220,6 +220,10 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
                 if source is not None:  # PEFT skips an adapter on a module it does not have
                     parts.append((weights[name], a_all[layer, i, ..., :width], b_all[layer, i, :width],
                                   s_all[layer, i, ..., :width], spec))
+            if method == "linear" and len({a.shape[-1] for _, a, _, _, _ in parts}) > 1:
+                unequal.append(f"{_source_at(parts[0][4], layer).peft_name}: ranks "
+                               f"{[a.shape[-1] for _, a, _, _, _ in parts]}")
+                continue
             if parts:
                 a_new[layer], b_new[layer] = _COMBINE[method](parts, new_rank)
                 source = dataclasses.replace(_source_at(parts[0][4], layer), rank=new_rank, offset=0)
@@ -235,8 +239,12 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
                               LORA_B: jnp.asarray(_layers_back(b_new, layer_axis), dtype),
                               RANK_SCALE: jnp.asarray(new_scale, jnp.float32)}, spec)
 
-    return jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
-                                  is_leaf=lambda x: isinstance(x, AdaptedModule))
+    unequal: list[str] = []
+    combined = jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
+                                      is_leaf=lambda x: isinstance(x, AdaptedModule))
+    if unequal:
+        raise AdapterError("add_weighted: method 'linear' needs equal ranks in every module (PEFT's too)", unequal)
+    return combined
 
 
 def _source_at(spec: ModuleSpec | None, layer: int) -> FactorSource | None:

@@ -92,6 +92,19 @@ def test_multi_adapter_errors(setup):
         jlora.select(lp, "zzz")
 
 
+def test_linear_needs_equal_ranks_in_every_module(setup, tmp_path):
+    tmp, base, _, flax_model = setup
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        init_lora_weights=False, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2, "layers.0.self_attn.v_proj": 3}))
+    pm.save_pretrained(tmp_path / "d")
+    lp = jlora.load(flax_model.params, {"a": tmp / "a", "d": tmp_path / "d"})  # both r=4 at the config level
+    with pytest.raises(jlora.AdapterError, match="equal ranks in every module") as err:
+        jlora.add_weighted(lp, {"a": 0.5, "d": 0.5}, method="linear")
+    assert sorted(err.value.problems) == ["model.layers.0.self_attn.v_proj: ranks [4, 3]",
+                                          "model.layers.1.self_attn.q_proj: ranks [4, 2]"]
+
+
 @pytest.mark.parametrize("method,names,weights", [
     ("cat", ["a", "b", "c"], [0.7, 0.3, -0.5]),
     ("linear", ["a", "b"], [0.6, 0.9]),  # linear needs equal ranks: b is reloaded at rank 4 below
