@@ -2,7 +2,7 @@
 
 NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an adapter into the
 kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
-caller in front of every adapted ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Embed``: it runs the
+caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum`` and ``Embed``: it runs the
 module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Other module types and stacked kernels get their
 kernel merged in the call, with a warning. The model is built for one call (inside ``jax.jit`` or a
@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from .merge import merged_module, plain_module
-from .side_paths import CallContext, dense_general_side, dense_side, embed_side
+from .side_paths import CallContext, dense_general_side, dense_side, einsum_side, embed_side
 from .tree import AdaptedModule, ModuleSpec, adapted_modules, set_paths
 from .wrap import lora_dropout, require_adapter_ids, side_entries
 
@@ -37,6 +37,10 @@ class _NnxModuleView:
     @property
     def axis(self) -> Any:
         return self.module.axis
+
+    @property
+    def einsum_str(self) -> str | None:
+        return self.module.einsum_str
 
     def get_variable(self, collection: str, name: str) -> jax.Array | None:
         variable = getattr(self.module, name, None)
@@ -64,6 +68,8 @@ def _side_path(module: Any):
         return dense_side
     if isinstance(module, nnx.LinearGeneral):
         return None if module.batch_axis else dense_general_side
+    if isinstance(module, nnx.Einsum):
+        return einsum_side
     if isinstance(module, nnx.Embed):
         return embed_side
     return None
@@ -107,7 +113,7 @@ def _replace_child(node: Any, key: Any, value: Any) -> None:
 def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | None = None,
               adapter_ids: jax.Array | None = None) -> nnx.Module:
     """``nnx.merge(graphdef, ...)`` of a LoRA parameter tree (from ``jlora.load(nnx_state, ...)``), with
-    every adapted ``Linear`` / ``LinearGeneral`` / ``Embed`` running its adapter unmerged.
+    every adapted ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` running its adapter unmerged.
 
     ``lora_dropout_key``: apply the adapter's ``lora_dropout`` (training, as PEFT in train mode).
     ``adapter_ids``: each example's adapter index for a tree holding several adapters (-1 = base).

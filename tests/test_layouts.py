@@ -321,28 +321,41 @@ def test_nnx_dora_dropout_matches_peft_train_mode(tmp_path, monkeypatch):
     assert rel_err(jlora.nnx_model(graphdef, lp)(IDS), want) > 1e-3  # the dropout matters
 
 
-def test_nnx_model_merges_modules_without_a_side_path():
-    """An nnx.Einsum has no side path in nnx_model: its kernel is merged in the call (one warning); the
-    Linear beside it runs unmerged; the output equals the merged model's."""
+def test_nnx_model_einsum_side_path_and_merge_fallback():
+    """nnx.Einsum runs its side path in nnx_model; a module class without one (a raw kernel matmul) is merged
+    in the call, with one warning naming it; the output equals the merged model's."""
     from flax import nnx
+
+    class Raw(nnx.Module):
+        def __init__(self, rngs):
+            self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 4)))
+
+        def __call__(self, x):
+            return x @ self.kernel[...]
 
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.proj = nnx.Linear(8, 8, rngs=rngs)
             self.mix = nnx.Einsum("btd,de->bte", (8, 4), rngs=rngs)
+            self.raw = Raw(rngs)
 
         def __call__(self, x):
-            return self.mix(self.proj(x))
+            return self.raw(self.mix(self.proj(x)))
 
     graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-    layout = Layout([Rule(r"proj", "proj/kernel", "o i -> i o"), Rule(r"mix", "mix/kernel", "o i -> i o")])
-    config = jlora.LoraConfig(r=2, target_modules=["proj", "mix"], init_lora_weights=False)
-    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["proj", "mix"])
+    layout = Layout([Rule(r"(?P<m>proj|mix|raw)", "{m}/kernel", "o i -> i o")])
+    config = jlora.LoraConfig(r=2, target_modules=["proj", "mix", "raw"], init_lora_weights=False)
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["proj", "mix", "raw"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.float32)
-    with pytest.warns(UserWarning, match=r"nnx_model: no unmerged side path for \['mix'\]"):
+    with pytest.warns(UserWarning, match=r"nnx_model: no unmerged side path for \['raw'\]"):
         got = jlora.nnx_model(graphdef, lp)(x)
     want = nnx.merge(graphdef, jlora.merge(lp))(x)
     assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eqns = jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr.eqns
+    sums = {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"}
+    assert (4, 4) in sums and (8, 8) not in sums and (8, 4) not in sums  # only the raw kernel is merged
 
 
 def test_dora_must_cover_a_fused_kernel(tmp_path):
