@@ -27,10 +27,10 @@ import numpy as np
 from .config import LoraConfig
 from .errors import AdapterError
 from .targeting import module_scale
-from .tree import (LORA_A, LORA_B, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path,
+from .tree import (LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path,
                    set_paths)
 
-_MULTI_UNSUPPORTED = ("dora", "lora_bias", "replacement tensors (biases, modules_to_save, trainable tokens)")
+_MULTI_UNSUPPORTED = ("dora", "replacement tensors (biases, modules_to_save, trainable tokens)")
 
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
@@ -42,7 +42,7 @@ def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
 def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
     spec = node.spec
     problems = [what for what, bad in zip(_MULTI_UNSUPPORTED, (
-        spec.dora, "lora_bias" in node, _replaces_base(node, base) or not spec.has_lora)) if bad]
+        spec.dora, _replaces_base(node, base) or not spec.has_lora)) if bad]
     if problems:
         raise AdapterError(f"adapter {name!r}, module {spec.peft_name}: several adapters in one tree do not support "
                            f"{', '.join(problems)}; load this adapter on its own")
@@ -89,6 +89,9 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
         a = np.zeros((a_shape[0], len(names), *a_shape[1:], width), np.float32)
         b = np.zeros((b_shape[0], len(names), width, *b_shape[2:]), np.float32)
         scale = np.zeros((a_shape[0], len(names)) + (1,) * (len(a_shape) - 1) + (width,), np.float32)
+        # lora_bias (simple modules only): zeros for adapters without one
+        bias = np.zeros((len(names), *b_shape[2:]), np.float32) if any(LORA_BIAS in n for n in by_name.values()) \
+            else None
         entries = []
         for i, name in enumerate(names):
             node = by_name.get(name)
@@ -99,11 +102,15 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
             a[:, i, ..., :r] = _layers_first(node[LORA_A], layer_axis)
             b[:, i, :r] = _layers_first(node[LORA_B], layer_axis)
             scale[:, i, ..., :r] = _column_scales(node)
+            if LORA_BIAS in node:
+                bias[i] = np.asarray(node[LORA_BIAS])
             entries.append((name, node.spec, r))
         dtype = some[LORA_A].dtype
         children = {**get_path(params, path), LORA_A: jnp.asarray(_layers_back(a, layer_axis), dtype),
                     LORA_B: jnp.asarray(_layers_back(b, layer_axis), dtype),
                     RANK_SCALE: jnp.asarray(_layers_back(scale, layer_axis))}
+        if bias is not None:
+            children[LORA_BIAS] = jnp.asarray(bias, some[LORA_BIAS].dtype if LORA_BIAS in some else dtype)
         spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
                                    adapters=tuple(entries))
         updates[path] = AdaptedModule(children, spec)
@@ -134,10 +141,12 @@ def select(lora_params: Any, name: str) -> Any:
         a, b, scales = (_layers_first(node[key], layer_axis)[:, i] for key in (LORA_A, LORA_B, RANK_SCALE))
         scales = scales[..., :width]
         per_column = len(spec.sources) != 1 or layer_axis is not None or spec.sources[0].placement.part_axis is not None
-        return AdaptedModule({**node.base_children(), LORA_A: _layers_back(a[..., :width], layer_axis),
-                              LORA_B: _layers_back(b[:, :width], layer_axis),
-                              RANK_SCALE: _layers_back(scales, layer_axis) if per_column else scales.reshape(-1)[0]},
-                             spec)
+        children = {**node.base_children(), LORA_A: _layers_back(a[..., :width], layer_axis),
+                    LORA_B: _layers_back(b[:, :width], layer_axis),
+                    RANK_SCALE: _layers_back(scales, layer_axis) if per_column else scales.reshape(-1)[0]}
+        if LORA_BIAS in spec.trainable:  # this adapter's lora_B bias
+            children[LORA_BIAS] = node[LORA_BIAS][i]
+        return AdaptedModule(children, spec)
 
     if not any(n.spec.adapters for _, n in adapted_modules(lora_params)):
         raise AdapterError("select: the tree holds a single adapter (load a dict of sources for several)")

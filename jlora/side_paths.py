@@ -76,8 +76,8 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     """Add the (already contracted, column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA
     (whose base term is ``dropped_base`` when given, see :func:`_dropped_base`, else ``y`` less its bias)."""
     scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
-    if LORA_BIAS in entries:  # simple modules only: a scalar scale
-        lora = lora + entries[LORA_BIAS]
+    if LORA_BIAS in entries and not spec.adapters:  # simple modules only: a scalar scale (several adapters:
+        lora = lora + entries[LORA_BIAS]               # added per example by _contract)
     if MAGNITUDE not in entries:
         return (y + scale * lora).astype(y.dtype)
     spec = _unstacked(spec, entries)
@@ -106,7 +106,11 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
         xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
-        return jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
+        lora = jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
+        if LORA_BIAS in entries:  # each example's lora_B bias, times its adapter's scale (column 0: any real column)
+            bias = entries[LORA_BIAS][idx] * scale[:, :1]
+            lora = lora + bias.reshape(bias.shape[0], *([1] * (lora.ndim - bias.ndim)), *bias.shape[1:])
+        return lora
     b = _b(entries, spec)
     n_in = len(x_axes)
     if x_axes == tuple(range(x.ndim - n_in, x.ndim)):  # trailing axes: plain 2-D matmuls (faster on XLA:CPU,

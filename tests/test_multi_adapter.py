@@ -92,6 +92,35 @@ def test_multi_adapter_errors(setup):
         jlora.select(lp, "zzz")
 
 
+def test_mixed_batch_with_lora_bias_matches_peft(tmp_path):
+    """An adapter with lora_bias (PEFT's mixed batches run lora_B with its bias) beside one without, on a
+    Llama with attention biases."""
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    flax_model = tf.FlaxLlamaForCausalLM.from_pretrained(tmp_path / "base", from_pt=True)
+    loras = {"plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+             "biased": dict(r=3, lora_alpha=9, target_modules=["q_proj", "o_proj"], lora_bias=True)}
+    for seed, (name, lora) in enumerate(loras.items()):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+        perturb_trainable(pm, 20 + seed)
+        pm.save_pretrained(tmp_path / name)
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain", adapter_name="plain")
+    judge.load_adapter(tmp_path / "biased", adapter_name="biased")
+    want = torch_out(judge.eval(), adapter_names=["biased", "plain", "__base__", "biased"])
+    sources = {name: tmp_path / name for name in loras}
+    lp = jlora.load(flax_model.params, sources)
+    got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=jnp.array([1, 0, -1, 1])).logits
+    assert rel_err(got, want) <= 1e-4
+    for name, source in sources.items():  # select gives back each adapter, lora_B bias included
+        alone, picked = jlora.load(flax_model.params, source), jlora.select(lp, name)
+        assert jax.tree_util.tree_structure(picked) == jax.tree_util.tree_structure(alone)
+        for x, y in zip(jax.tree_util.tree_leaves(picked), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_linear_needs_equal_ranks_in_every_module(setup, tmp_path):
     tmp, base, _, flax_model = setup
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
