@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from .merge import merged_module, plain_module
-from .side_paths import CallContext, dense_general_side, dense_side, einsum_side, embed_side
+from .side_paths import CallContext, side_path_for
 from .tree import AdaptedModule, ModuleSpec, adapted_modules, set_paths
 from .wrap import lora_dropout, require_adapter_ids, side_entries
 
@@ -61,18 +61,6 @@ class _BiasFree:
         y = self.view.module(x)
         bias = self.view.get_variable("params", "bias")
         return y if bias is None else y - bias
-
-
-def _side_path(module: Any):
-    if isinstance(module, nnx.Linear):
-        return dense_side
-    if isinstance(module, nnx.LinearGeneral):
-        return None if module.batch_axis else dense_general_side
-    if isinstance(module, nnx.Einsum):
-        return einsum_side
-    if isinstance(module, nnx.Embed):
-        return embed_side
-    return None
 
 
 class _SideCaller:
@@ -128,7 +116,7 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     side = {path for path, node in sites.items()
-            if node.spec.has_lora and node.spec.layer_axis is None and _side_path(_at(probe, path)) is not None}
+            if node.spec.has_lora and node.spec.layer_axis is None and side_path_for(_at(probe, path)) is not None}
     merged = [path for path, node in sites.items() if node.spec.has_lora and path not in side]
     model = probe
     if merged:
@@ -141,6 +129,6 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
         parent = _at(model, path[:-1])
         module = _child(parent, path[-1])
         drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
-        caller = _SideCaller(module, _side_path(module), side_entries(node), node.spec, CallContext(drop, adapter_ids))
+        caller = _SideCaller(module, side_path_for(module), side_entries(node), node.spec, CallContext(drop, adapter_ids))
         _replace_child(parent, path[-1], caller)
     return model

@@ -16,6 +16,7 @@ import string
 from typing import Callable
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -192,15 +193,18 @@ def _single_adapter_only(spec: ModuleSpec, what: str) -> None:
                            "jlora.select one adapter")
 
 
-def side_path_for(module: nn.Module) -> SidePath | None:
-    """The side path for ``module``'s class, or None when it has none (the caller then merges)."""
-    if isinstance(module, nn.Dense) or type(module).__name__ == "FlaxConv1D":
+def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
+    """The side path for ``module``'s class (linen, or NNX through :func:`jlora.nnx_model`), or None when it
+    has none (the caller then merges)."""
+    if isinstance(module, (nn.Dense, nnx.Linear)) or type(module).__name__ == "FlaxConv1D":
         return dense_side
     if isinstance(module, nn.DenseGeneral):
         return None if module.batch_dims else dense_general_side
-    if isinstance(module, nn.Einsum):
+    if isinstance(module, nnx.LinearGeneral):
+        return None if module.batch_axis else dense_general_side
+    if isinstance(module, (nn.Einsum, nnx.Einsum)):
         return einsum_side
-    if isinstance(module, nn.Embed):
+    if isinstance(module, (nn.Embed, nnx.Embed)):
         return embed_side
     if isinstance(module, nn.Conv) and module.feature_group_count == 1:
         return conv_side
