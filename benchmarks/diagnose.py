@@ -326,7 +326,6 @@ def _proto_forward(fm, scale: float, mode: str):
     mode "separate": x @ W + s * (x @ A) @ B (jlora's math, without jlora's wrapping).
     """
     import flax.linen as nn
-    import jax.numpy as jnp
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -378,7 +377,7 @@ def diag_model() -> None:
 
     section("model: jlora.wrap vs prototypes on the benchmark model (ratio to base)")
     cfg, fm, lp = _model()
-    scale = next(n.spec.scale for _, n in jlora.tree.adapted_modules(lp))
+    scale = next(float(n["lora_scale"]) for _, n in jlora.tree.adapted_modules(lp))
     f = lambda i, p: fm(i, params=p).logits  # noqa: E731
     p_sep, p_cat = _proto_params(lp, "separate"), _proto_params(lp, "concat_out")
     g_sep, g_cat = _proto_forward(fm, scale, "separate"), _proto_forward(fm, scale, "concat_out")
@@ -623,7 +622,7 @@ def _train(model_kwargs) -> None:
     full_loss = lambda p, i: xent(fm(i, params=p).logits, i)  # noqa: E731
     trainable, frozen = jlora.split(lp)
     # prototype: the same LoRA loss with plain params + a plain interceptor (no jlora)
-    scale = next(n.spec.scale for _, n in jlora.tree.adapted_modules(lp))
+    scale = next(float(n["lora_scale"]) for _, n in jlora.tree.adapted_modules(lp))
     g_sep = _proto_forward(fm, scale, "separate")
     p_sep = _proto_params(lp, "separate")
     is_proto = lambda path: any(getattr(k, "key", None) in ("__proto_A", "__proto_B") for k in path)  # noqa: E731

@@ -85,8 +85,8 @@ def load(
     hold it. By default its sharding follows its base leaf (``lora_A`` the kernel's input axes,
     ``lora_B`` its output axes, rank replicated, a stacked layer axis as the kernel's; replaced
     tensors the base leaf's sharding; numpy base leaves: the default device). ``device=`` puts every
-    new leaf on one device; ``sharding=`` is ``"replicated"``, a ``jax.sharding.Sharding`` for every non-scalar
-    new leaf, or a callable ``(path, leaf: ShapeDtypeStruct with the derived sharding) -> Sharding | None``.
+    new leaf on one device; ``sharding=`` is ``"replicated"``, a ``jax.sharding.Sharding`` for every
+    non-scalar new leaf, or a callable ``(path, leaf: ShapeDtypeStruct with the derived sharding) -> Sharding | None``.
 
     Hot swap: a jitted function compiled for one adapter is reused for any other with the same targets
     and ranks (lora_alpha, rank/alpha patterns and the config text may differ: scales are leaves).

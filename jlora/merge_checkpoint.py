@@ -168,7 +168,7 @@ def merge_checkpoint(
     nodes_by_shard: dict[str, list] = defaultdict(list)
     not_float = []
     for path, node in adapted_modules(lora_tree):
-        prefix = ".".join(str(p.key) for p in path)
+        prefix = ".".join(map(str, path))
         for shard in sorted({key_shard[f"{prefix}.{child}"] for child in node.base_children()}):
             nodes_by_shard[shard].append((prefix, node))  # a module split over two shards is merged for each
         weight = node[node.spec.kernel_key] if node.spec.kernel_key in node else None

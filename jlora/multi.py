@@ -2,9 +2,10 @@
 
 ``jlora.load(params, {"a": src_a, "b": src_b})`` stacks the adapters of every module along a
 leading adapter axis (ranks zero-padded to the largest; a module an adapter does not target holds
-zeros for it; a stacked kernel's leaves keep its layer axis where the kernel has it, so that a scan
-slices them to one layer's ``(adapters, ...)``), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
-in one jitted call, gathering only (in, r) and (r, out) slices per example.
+zeros for it), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
+in one jitted call, gathering only (in, r) and (r, out) slices per example. A stacked kernel's
+leaves keep its layer axis where the kernel has it, so that a scan slices them to one layer's
+``(adapters, ...)``.
 
 Example:
     >>> lp = jlora.load(params, {"math": "user/math-lora", "code": "user/code-lora"})
@@ -27,8 +28,8 @@ import numpy as np
 from .config import LoraConfig
 from .errors import AdapterError
 from .targeting import module_scale
-from .tree import (LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path,
-                   set_paths)
+from .tree import (LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules,
+                   get_path, set_paths)
 
 _MULTI_UNSUPPORTED = ("dora", "replacement tensors (biases, modules_to_save, trainable tokens)")
 
@@ -76,9 +77,8 @@ def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
     nodes: dict[tuple, dict[str, AdaptedModule]] = {}
     for name, tree in singles.items():
         for path, node in adapted_modules(tree):
-            key_path = tuple(k.key for k in path)
-            _check_single(node, name, get_path(params, key_path))
-            nodes.setdefault(key_path, {})[name] = node
+            _check_single(node, name, get_path(params, path))
+            nodes.setdefault(path, {})[name] = node
     updates = {}
     for path, by_name in nodes.items():
         some = next(iter(by_name.values()))

@@ -77,10 +77,6 @@ class _SideCaller:
         return getattr(self.module, name)
 
 
-def _keys(path: tuple) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-
-
 def _child(node: Any, key: Any) -> Any:
     return getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
 
@@ -111,12 +107,13 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
         ...     logits = jlora.nnx_model(graphdef, jlora.combine(trainable, frozen), lora_dropout_key=key)(ids)
         ...     return xent(logits, ids)
     """
-    sites = {_keys(path): node for path, node in adapted_modules(lora_params)}
+    sites = dict(adapted_modules(lora_params))
     require_adapter_ids(sites.values(), adapter_ids)
     plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
-    side = {path for path, node in sites.items()
-            if node.spec.has_lora and node.spec.layer_axis is None and side_path_for(_at(probe, path)) is not None}
+    candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
+                  if node.spec.has_lora and node.spec.layer_axis is None}
+    side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
     merged = [path for path, node in sites.items() if node.spec.has_lora and path not in side]
     model = probe
     if merged:
@@ -127,8 +124,8 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])
-        module = _child(parent, path[-1])
         drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
-        caller = _SideCaller(module, side_path_for(module), side_entries(node), node.spec, CallContext(drop, adapter_ids))
+        caller = _SideCaller(_child(parent, path[-1]), side[path], side_entries(node), node.spec,
+                             CallContext(drop, adapter_ids))
         _replace_child(parent, path[-1], caller)
     return model

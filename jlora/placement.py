@@ -6,9 +6,10 @@ sharding with the rank replicated, ``lora_B`` ``(r, outputs...)`` its output-axi
 magnitudes and ``lora_bias`` the output axes; replaced tensors (biases, ``modules_to_save``) take
 the base leaf's sharding and trainable-token rows the embedding's feature axis. A base leaf without
 a sharding (a numpy array) puts the leaf on the default device. ``load(..., sharding=...)``
-overrides this: ``"replicated"``, one ``Sharding`` for every new leaf (scalar ``lora_scale`` leaves: replicated on its devices), or a callable
-``fn(path, leaf) -> Sharding | None`` (``leaf`` a ``ShapeDtypeStruct`` carrying the derived
-sharding; ``None`` keeps it); ``load(..., device=d)`` puts every new leaf on ``d``.
+overrides this: ``"replicated"``, one ``Sharding`` for every new leaf (scalar ``lora_scale`` leaves:
+replicated on its devices), or a callable ``fn(path, leaf) -> Sharding | None`` (``leaf`` a
+``ShapeDtypeStruct`` carrying the derived sharding; ``None`` keeps it); ``load(..., device=d)`` puts
+every new leaf on ``d``.
 
 Host to device: every addressable device's shard is read straight from the host array (usually a
 transposed view of the memory-mapped file) and transposed by the copy into the device buffer, in the

@@ -141,9 +141,10 @@ def is_adapted(x: Any) -> bool:
 
 
 def adapted_modules(tree: Any) -> list[tuple[tuple, AdaptedModule]]:
-    """``(key path, node)`` for every AdaptedModule in ``tree``."""
+    """``(path, node)`` for every AdaptedModule in ``tree``; ``path`` is the tuple of keys (list indices) to it."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
-    return [(path, leaf) for path, leaf in flat if is_adapted(leaf)]
+    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), leaf) for path, leaf in flat
+            if is_adapted(leaf)]
 
 
 def map_adapted(fn, tree: Any) -> Any:

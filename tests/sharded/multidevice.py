@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (adapter_
 import jlora  # noqa: E402
 from adapter_files import PREFIX, write_adapter  # noqa: E402
 from jlora.placement import to_device  # noqa: E402
-from jlora.tree import adapted_modules  # noqa: E402
+from jlora.tree import adapted_modules, get_path  # noqa: E402
 
 if jax.device_count() != 8:
     raise RuntimeError(f"needs 8 devices, found {jax.device_count()}: run with "
@@ -115,12 +115,6 @@ def setup(tmp_path_factory):
                 base_sharded=base_forward.lower(ids_sharded, sharded).compile())
 
 
-def _node(tree, path):
-    for k in path:
-        tree = tree[k.key]
-    return tree
-
-
 def test_lora_leaves_have_the_derived_shardings(setup):
     nodes = adapted_modules(setup["lp_sharded"])
     assert sorted(n.spec.peft_name.rsplit(".", 1)[-1] for _, n in nodes) == sorted(TARGETS + ["lm_head"])
@@ -133,7 +127,7 @@ def test_lora_leaves_have_the_derived_shardings(setup):
             shard_shape = expected.shard_shape(leaf.shape)  # no device holds more than its share
             assert all(s.data.shape == shard_shape for s in leaf.addressable_shards), (node.spec.peft_name, key)
     path = nodes[-1][0]  # base arrays are shared, not copied or moved
-    assert _node(setup["lp_sharded"], path)["kernel"] is _node(setup["sharded"], path)["kernel"]
+    assert get_path(setup["lp_sharded"], path)["kernel"] is get_path(setup["sharded"], path)["kernel"]
 
 
 def test_values_equal_single_device(setup):
