@@ -58,7 +58,8 @@ def _factors(key, kind: str, mode, r: int, fan_in: int, a_shape: tuple, b_shape:
 
 
 def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """DoRA's initial magnitude: ``||W + s * B @ A||`` over the input axes, as a PEFT (out,) vector."""
+    """DoRA's initial magnitude: ``||W + s * B @ A||`` over the input axes, in PEFT's shape (see
+    ``Placement.magnitude_shape``)."""
     w = np.asarray(weight, np.float32)
     if placement.stacked:
         w = np.take(w, placement.layer, axis=placement.layer_axis)
@@ -67,7 +68,7 @@ def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scal
         w = np.take(w, placement.part, axis=placement.part_axis)
     delta = scale * np.tensordot(placement.a_to_canonical(a), placement.b_to_canonical(b), axes=1)
     norm = np.linalg.norm((w + delta).reshape(int(np.prod(w.shape[:placement.in_ndim])), -1), axis=0)
-    return placement.out_to_torch(norm.reshape(w.shape[placement.in_ndim:])).astype(np.float32)
+    return placement.magnitude_to_torch(norm.reshape(w.shape[placement.in_ndim:])).astype(np.float32)
 
 
 def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "hf", dtype: Any = None,

@@ -160,6 +160,15 @@ class Placement:
         return np.asarray(v).transpose(np.argsort(self.out_order)).reshape(-1)
 
     @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's DoRA magnitude shape: ``(out,)``, or ``(1, out, 1...)`` for a ConvNd (its weight norm, kept)."""
+        out = int(np.prod(self.out_sizes))
+        return (1, out, *self.b_tail) if self.b_tail else (out,)
+
+    def magnitude_to_torch(self, v) -> np.ndarray:
+        return self.out_to_torch(v).reshape(self.magnitude_shape)
+
+    @property
     def stacked(self) -> bool:
         return self.layer_axis is not None
 

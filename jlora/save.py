@@ -67,7 +67,7 @@ def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) 
     for child in (MAGNITUDE, LORA_BIAS):
         if child in children:
             v = children[child] if out_axis is None else np.take(children[child], pl.part, axis=out_axis)
-            values[child] = pl.out_to_torch(v)
+            values[child] = pl.magnitude_to_torch(v) if child == MAGNITUDE else pl.out_to_torch(v)
     return {f"{PREFIX}{source.peft_name}.{suffix}": values[child] for child, suffix in source.file_keys}
 
 

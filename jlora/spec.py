@@ -150,9 +150,9 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             if b[:1] != (out_total,) or b[2:] != placement.b_tail:
                 problems.append(f"{roles['lora_B']}: shape {list(b)} does not fit the {found_leaf} "
                                 f"(expected output size {out_total})")
-            for role in ("magnitude", "lora_bias"):
-                if role in roles and shape(roles[role]) != (out_total,):
-                    problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {[out_total]}")
+            for role, want in (("magnitude", placement.magnitude_shape), ("lora_bias", (out_total,))):
+                if role in roles and shape(roles[role]) != want:
+                    problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {list(want)}")
             if "lora_bias" in roles and "bias" not in module:
                 problems.append(f"{roles['lora_bias']}: lora_bias needs a bias, but "
                                 f"{'/'.join(map(str, placement.path))} has none")

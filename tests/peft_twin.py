@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import jlora
 
@@ -80,3 +81,16 @@ def flax_logits_wrapped(twin: Twin, lora_params, **kw) -> np.ndarray:
 def flax_logits_plain(twin: Twin, params, **kw) -> np.ndarray:
     out = twin.flax_model(**twin.inputs, params=params, **kw)
     return np.asarray(out.logits if hasattr(out, "logits") else out[0], np.float32)
+
+
+def peft_loads_cleanly(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """PEFT model for ``adapter_dir``; fails on unexpected keys or missing adapter keys."""
+    import peft
+
+    cfg = peft.LoraConfig.from_pretrained(adapter_dir)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    result = peft.set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
+    assert not result.unexpected_keys
+    adapter_words = ("lora_", "modules_to_save", "token_adapter")
+    assert not [k for k in result.missing_keys if any(w in k for w in adapter_words) and "base_layer" not in k]
+    return pm.eval()

@@ -1,13 +1,17 @@
-"""Parity with PEFT for a bfloat16 base model and for LoRA on convolutions (ViT patch embedding)."""
+"""Parity with PEFT for a bfloat16 base model and for LoRA and DoRA on convolutions (ViT patch embedding)."""
 from __future__ import annotations
 
+import copy
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers as tf
+from safetensors.torch import load_file
 
 import jlora
-from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from test_parity_models import llama
 
 
@@ -54,3 +58,32 @@ def test_vit_conv_and_linear_parity(tmp_path):
     assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= 1e-4
     merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
     assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= 1e-4
+
+
+def test_conv_dora_parity_and_round_trip(tmp_path):
+    """DoRA on an nn.Conv2d: PEFT keeps the magnitude as the weight norm's shape (1, out, 1, 1). Loaded, run
+    (wrapped and merged) against PEFT, saved back tensor for tensor, and a fresh one from init loads in PEFT."""
+    cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    lora = dict(r=4, lora_alpha=8, target_modules=["projection", "query"], use_dora=True)
+    twin = build_twin(tmp_path, tf.ViTForImageClassification, tf.FlaxViTForImageClassification, cfg, lora,
+                      inputs={"pixel_values": pixels})
+    file = load_file(twin.adapter_dir / "adapter_model.safetensors")
+    magnitude_key = "base_model.model.vit.embeddings.patch_embeddings.projection.lora_magnitude_vector"
+    assert file[magnitude_key].shape == (1, 32, 1, 1)
+
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= 1e-4
+    merged_want = torch_logits(copy.deepcopy(twin.peft_model).merge_and_unload(), twin.inputs)
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= 1e-4
+
+    saved = load_file(jlora.save(lora_params, tmp_path / "again") / "adapter_model.safetensors")
+    assert set(saved) == set(file)
+    for key, value in file.items():
+        np.testing.assert_array_equal(saved[key].numpy(), value.numpy(), err_msg=key)
+
+    fresh = jlora.init(twin.flax_model.params, jlora.LoraConfig(init_lora_weights=False, **lora), key=jax.random.key(0))
+    pm = peft_loads_cleanly(twin.torch_base, jlora.save(fresh, tmp_path / "fresh"))
+    assert rel_err(flax_logits_wrapped(twin, fresh), torch_logits(pm, twin.inputs)) <= 1e-4

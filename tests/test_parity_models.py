@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import transformers as tf
 
 import jlora
@@ -56,6 +57,63 @@ def bart_inputs(cfg):
             "decoder_input_ids": rng.integers(3, cfg.vocab_size, size=(2, 5)).astype(np.int32)}
 
 
+def gpt_neo():
+    cfg = tf.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                          attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=64)
+    return tf.GPTNeoForCausalLM, tf.FlaxGPTNeoForCausalLM, cfg
+
+
+def gptj():
+    cfg = tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, n_inner=48)
+    return tf.GPTJForCausalLM, tf.FlaxGPTJForCausalLM, cfg
+
+
+def roberta_cls():
+    cfg = tf.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=70, num_labels=3)
+    return tf.RobertaForSequenceClassification, tf.FlaxRobertaForSequenceClassification, cfg
+
+
+def clip():
+    cfg = tf.CLIPConfig(projection_dim=16,
+                        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8))
+    return tf.CLIPModel, tf.FlaxCLIPModel, cfg
+
+
+def clip_inputs(cfg):
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(3, cfg.text_config.vocab_size, size=(2, 7)).astype(np.int32),
+            "pixel_values": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
+
+
+def whisper():
+    cfg = tf.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1)
+    return tf.WhisperForConditionalGeneration, tf.FlaxWhisperForConditionalGeneration, cfg
+
+
+def whisper_inputs(cfg):
+    rng = np.random.default_rng(0)
+    return {"input_features": rng.standard_normal((2, cfg.num_mel_bins, 2 * cfg.max_source_positions)).astype(np.float32),
+            "decoder_input_ids": rng.integers(3, cfg.vocab_size, size=(2, 5)).astype(np.int32)}
+
+
+def expose_conv_strides(peft_model) -> None:
+    """PEFT's LoRA wrapper of an nn.Conv1d hides the layer's ``stride``, which Whisper's encoder reads:
+    give the wrappers their base layer's (a harness fix; the math is PEFT's own)."""
+    for module in peft_model.modules():
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Conv1d):
+            module.stride = module.base_layer.stride
+
+
+INPUTS = {"bart": bart_inputs, "clip": clip_inputs, "whisper": whisper_inputs, "whisper_conv_dora": whisper_inputs}
+
+
 CASES = {
     "llama": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"])),
@@ -66,6 +124,18 @@ CASES = {
     "bert_seq_cls": (bert_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                                     modules_to_save=["classifier"])),
     "bart": (bart, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "out_proj"])),
+    "gpt_neo": (gpt_neo, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "c_fc",
+                                                                 "c_proj"])),
+    "gptj": (gptj, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc_in",
+                                                           "fc_out"])),
+    "roberta_seq_cls": (roberta_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                                          modules_to_save=["classifier"])),
+    "clip": (clip, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "out_proj", "patch_embedding",
+                                                           "text_projection", "visual_projection"])),
+    "whisper": (whisper, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                 "fc2", "conv1", "conv2"])),
+    "whisper_conv_dora": (whisper, dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "q_proj"],
+                                        use_dora=True)),
 }
 
 
@@ -73,8 +143,9 @@ CASES = {
 def test_architecture_parity(name, tmp_path):
     make, lora = CASES[name]
     torch_cls, flax_cls, cfg = make()
-    inputs = bart_inputs(cfg) if name == "bart" else None
+    inputs = INPUTS[name](cfg) if name in INPUTS else None
     twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora, inputs=inputs)
+    expose_conv_strides(twin.peft_model)
     want = torch_logits(twin.peft_model, twin.inputs)
     base = flax_logits_plain(twin, twin.flax_model.params)
     assert rel_err(base, want) > 100 * TOL, "the adapter should change the output"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import jlora
-from peft_twin import build_twin, flax_logits_wrapped, rel_err, torch_logits
+from peft_twin import build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from test_parity_models import gpt2, llama
 
 
@@ -110,17 +110,6 @@ def test_ten_adamw_steps_match_torch(tmp_path, case):
     assert moved > 0
 
 
-def _peft_loads_cleanly(base, adapter_dir):
-    """PEFT model for ``adapter_dir``; fails on unexpected keys or missing adapter keys."""
-    cfg = peft.LoraConfig.from_pretrained(adapter_dir)
-    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
-    result = peft.set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
-    assert not result.unexpected_keys
-    adapter_words = ("lora_", "modules_to_save", "token_adapter")
-    assert not [k for k in result.missing_keys if any(w in k for w in adapter_words) and "base_layer" not in k]
-    return pm.eval()
-
-
 def test_train_save_reload_in_peft(tmp_path):
     twin, _ = make(tmp_path, "dora")
     lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
@@ -133,7 +122,7 @@ def test_train_save_reload_in_peft(tmp_path):
         updates, state = tx.update(jax.grad(full_loss)(lp), state, lp)
         lp = optax.apply_updates(lp, updates)
     out = jlora.save(lp, tmp_path / "trained")
-    pm = _peft_loads_cleanly(twin.torch_base, out)
+    pm = peft_loads_cleanly(twin.torch_base, out)
     got = flax_logits_wrapped(twin, lp)
     assert rel_err(got, torch_logits(pm, twin.inputs)) <= 1e-4
     assert rel_err(got, torch_logits(twin.peft_model, twin.inputs)) > 1e-3  # training changed it
@@ -157,7 +146,7 @@ def test_init_save_loads_in_peft(tmp_path, lora):
     twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, target_modules=["q_proj"]))
     lp = jlora.init(twin.flax_model.params, jlora.LoraConfig(**lora), key=jax.random.key(0))
     out = jlora.save(lp, tmp_path / "fresh")
-    pm = _peft_loads_cleanly(twin.torch_base, out)
+    pm = peft_loads_cleanly(twin.torch_base, out)
     assert rel_err(flax_logits_wrapped(twin, lp), torch_logits(pm, twin.inputs)) <= 1e-4
 
 
