@@ -21,8 +21,8 @@ from .errors import AdapterError, UnsupportedAdapterError
 from .layout import Layout
 from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
-from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, FactorSource,
-                   ModuleSpec, get_path, set_paths)
+from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
+                   FactorSource, ModuleSpec, get_path, set_paths)
 
 # PEFT role -> (jlora child key, PEFT key suffix), per kind
 _SUFFIXES = {
@@ -172,6 +172,8 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                 base = module[mapping.flax_key]
                 children[mapping.flax_key] = placer.put(mapping.to_flax(tensors[key]), base.dtype, base=base, key=key,
                                                         path=path + (mapping.flax_key,), axes=tuple(range(base.ndim)))
+                if mapping.flax_key == "embedding" and not lora and layout.head_tied_to_embedding():
+                    children[BASE_TABLE] = base  # modules_to_save: PEFT's tied head keeps the base table
                 file_keys.append((mapping.flax_key, stored_as))
                 if is_trainable_param(config, t.name, stored_as):
                     trainable.append(mapping.flax_key)

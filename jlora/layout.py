@@ -329,10 +329,14 @@ class Layout:
         paths = ["/".join(map(str, p)) for p, _ in iter_modules(self.params)]
         return difflib.get_close_matches(self.module_name(name).replace(".", "/"), paths, n=n, cutoff=0.4)
 
+    def head_tied_to_embedding(self) -> bool:
+        """Whether the tree looks like a model whose output head reads the input embedding table: it has no
+        ``lm_head`` / ``embed_out`` module of its own (GPT-2, Gemma, OPT, Bart; also head-less base models)."""
+        return not any(key in ("lm_head", "embed_out") for p, _ in iter_modules(self.params) for key in map(str, p))
+
     def explain_missing(self, name: str) -> str:
         hint = ""
-        if name.split(".")[-1] in ("lm_head", "embed_out") and not any(
-                "lm_head" in map(str, p) for p, _ in iter_modules(self.params)):
+        if name.split(".")[-1] in ("lm_head", "embed_out") and self.head_tied_to_embedding():
             hint = (f" (this {self.tree_name} model ties its output head to the input embedding, so it has no "
                     "separate lm_head leaf; PEFT's lm_head adapter cannot be placed. Untie the head, "
                     "or drop lm_head from the adapter)")

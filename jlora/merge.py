@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import AdapterError
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted
+from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec,
+                   is_adapted)
 
 
 def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
@@ -84,17 +86,23 @@ def with_token_rows(node: AdaptedModule, children: dict) -> dict:
 
 
 def plain_module(node: AdaptedModule) -> dict[str, Any]:
-    """The module's parameters with replacement tensors applied but LoRA factors left out."""
-    return with_token_rows(node, node.base_children())
+    """The module's parameters as the rest of the model sees them when the adapter runs unmerged:
+    replacement tensors applied, LoRA factors left out, and a replaced embedding table with a tied output
+    head kept as the base table (the module's own lookups get the replacement through its side path)."""
+    children = with_token_rows(node, node.base_children())
+    if BASE_TABLE in node:
+        children["embedding"] = node[BASE_TABLE]
+    return children
 
 
 def merged_module(node: AdaptedModule) -> dict[str, Any]:
-    """The module's parameters with everything folded in, as PEFT's ``merge_and_unload``."""
+    """The module's parameters with everything folded in, as PEFT's ``merge_and_unload``. A replaced
+    embedding table goes into the one leaf, which a tied output head reads too (see :func:`merge`)."""
     spec = node.spec
     if spec.adapters:
         raise AdapterError(f"{spec.peft_name}: the tree holds several adapters; jlora.select one (or "
                            "jlora.add_weighted them) before merging")
-    children = plain_module(node)
+    children = with_token_rows(node, node.base_children())
     if not spec.has_lora:
         return children
     kernel = children[spec.kernel_key]
@@ -132,6 +140,12 @@ def merge(lora_params: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten(lora_params, is_leaf=is_adapted)
     where = [i for i, leaf in enumerate(leaves) if is_adapted(leaf)]
+    tied = sorted(leaves[i].spec.peft_name for i in where if BASE_TABLE in leaves[i])
+    if tied:
+        warnings.warn(f"jlora.merge: {tied} replace an embedding table (modules_to_save) that this model's output "
+                      "head appears to share (the tree has no lm_head). The merged tree has one table, so such a head "
+                      "now reads the replacement too, while PEFT's head keeps the old table (its merge_and_unload "
+                      "unties them). jlora.wrap runs the adapter as PEFT does.", stacklevel=2)
     for i, merged in zip(where, _merge_modules([leaves[i] for i in where])):
         leaves[i] = merged
     return jax.tree_util.tree_unflatten(treedef, leaves)

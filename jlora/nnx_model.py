@@ -112,9 +112,9 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
-                  if node.spec.has_lora and node.spec.layer_axis is None}
+                  if node.has_side_path and node.spec.layer_axis is None}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
-    merged = [path for path, node in sites.items() if node.spec.has_lora and path not in side]
+    merged = [path for path, node in sites.items() if node.has_side_path and path not in side]
     model = probe
     if merged:
         warnings.warn(f"jlora.nnx_model: no unmerged side path for {sorted(sites[p].spec.peft_name for p in merged)} "

@@ -38,6 +38,9 @@ class CallContext:
         return x if self.drop is None else self.drop(x)
 
 
+# The side-path entry holding an Embed module's replaced table, when the model's tied head keeps the base one
+INPUT_TABLE = "input_table"
+
 # side(module, args, kwargs, y, entries, spec, ctx) -> output
 SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec, CallContext], jax.Array]
 
@@ -167,6 +170,8 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
 
 def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings
     ids = _input(args, kwargs)
+    if INPUT_TABLE in entries:  # a replaced table (modules_to_save) whose tied output head keeps the base one
+        return jnp.take(entries[INPUT_TABLE].astype(y.dtype), ids, axis=0)
     if spec.adapters:
         idx, scale = _example_adapters(entries, ctx, spec)
         expand = (slice(None),) + (None,) * (ids.ndim - 1)

@@ -23,7 +23,10 @@ MAGNITUDE = "lora_magnitude"
 LORA_BIAS = "lora_bias"
 TOKEN_DELTA = "token_delta"
 RANK_SCALE = "lora_scale"
-ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE)
+# a replaced embedding table whose output head is tied to it: the base table, which the head keeps reading
+# (PEFT's modules_to_save copies the embedding module; the tied head still holds the original weight)
+BASE_TABLE = "base_table"
+ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,12 @@ class AdaptedModule(Mapping):
 
     def replace(self, **children: Any) -> "AdaptedModule":
         return AdaptedModule({**self._children, **children}, self.spec)
+
+    @property
+    def has_side_path(self) -> bool:
+        """Whether running it unmerged needs a side path: LoRA factors, or lookups in a replaced embedding
+        table whose tied output head keeps the base table (``BASE_TABLE``)."""
+        return self.spec.has_lora or BASE_TABLE in self._children
 
     def base_children(self) -> dict[str, Any]:
         """The module's own parameters (adapter tensors left out)."""

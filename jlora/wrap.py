@@ -24,13 +24,16 @@ import jax.numpy as jnp
 
 from .merge import merged_module, plain_module
 from .errors import AdapterError
-from .side_paths import CallContext, side_path_for
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
+from .side_paths import INPUT_TABLE, CallContext, side_path_for
+from .tree import BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
 
 SITE_PREFIX = "__jlora_site_"
 
 
 def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
+    """What the module's side path reads: its adapter tensors (or a replaced table, see ``BASE_TABLE``)."""
+    if BASE_TABLE in node:
+        return {INPUT_TABLE: node["embedding"]}
     return {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
 
 
@@ -120,7 +123,7 @@ def wrap(fn: Callable) -> Callable:
                 new[i] = merged_module(node)
             else:
                 new[i] = plain_module(node)
-                if node.spec.has_lora:
+                if node.has_side_path:
                     new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
@@ -158,7 +161,7 @@ def wrap(fn: Callable) -> Callable:
         if not sites:
             return fn(*args, **kwargs)
         multi = require_adapter_ids(sites.values(), adapter_ids)
-        lora_sites = {i for i, n in sites.items() if n.spec.has_lora}
+        lora_sites = {i for i, n in sites.items() if n.has_side_path}
         fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites, adapter_ids)) if lora_sites else frozenset()
         names = sorted(sites[i].spec.peft_name for i in fallback)
         if multi and names:
@@ -168,7 +171,7 @@ def wrap(fn: Callable) -> Callable:
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call (for NNX models, jlora.nnx_model runs them "
                           "unmerged)", stacklevel=2)
-        dropped = sorted(sites[i].spec.peft_name for i in fallback if sites[i].spec.dropout > 0)
+        dropped = sorted(sites[i].spec.peft_name for i in fallback if sites[i].spec.has_lora and sites[i].spec.dropout > 0)
         if lora_dropout_key is not None and dropped and ("dropout",) + tuple(dropped) not in warned:
             warned.add(("dropout",) + tuple(dropped))
             warnings.warn(f"jlora.wrap: lora_dropout is not applied to {dropped}: their kernels are merged inside "

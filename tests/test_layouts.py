@@ -385,3 +385,31 @@ def test_unmatched_keys_and_unused_rules(tmp_path, caplog):
         jlora.load(params, tmp_path / "adapter", layout=partial)
     assert len(err.value.problems) == 2 and "up_proj" in str(err.value)  # both layers' up_proj
     assert "nothing" in caplog.text
+
+
+def test_nnx_model_modules_to_save_on_a_tied_embedding():
+    """A replaced embedding table (modules_to_save) whose output head is tied to it: as in PEFT, the lookups
+    use the replacement and the head keeps the base table."""
+    from flax import nnx
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(16, 8, rngs=rngs)
+            self.proj = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.embed.attend(self.proj(self.embed(ids)))
+
+    graphdef, state = nnx.split(Tied(nnx.Rngs(0)))
+    layout = Layout([Rule(r"proj", "proj/kernel", "o i -> i o")])
+    config = jlora.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["embed"], init_lora_weights=False)
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["proj", "embed"])
+    base_table = state["embed"]["embedding"][...]
+    new_table = base_table + jax.random.normal(jax.random.key(1), base_table.shape)
+    lp = {**lp, "embed": lp["embed"].replace(embedding=new_table)}
+    ids = jnp.array([[1, 5, 7]])
+
+    merged_proj = jlora.merge({"proj": lp["proj"]})["proj"]
+    want = (new_table[ids] @ merged_proj["kernel"] + merged_proj["bias"]) @ base_table.T
+    assert rel_err(jlora.nnx_model(graphdef, lp)(ids), want) <= 1e-5
+    assert rel_err(want, (new_table[ids] @ merged_proj["kernel"] + merged_proj["bias"]) @ new_table.T) > 1e-2

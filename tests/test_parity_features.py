@@ -1,10 +1,11 @@
 """Parity with PEFT for every adapter feature jlora supports (float32, tiny models built here)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import jlora
-from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from test_parity_models import gemma, gpt2, llama, opt
 
 TOL = 1e-4
@@ -51,3 +52,26 @@ def test_feature_parity(feature, tmp_path):
     assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
     merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
     assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= TOL
+
+
+@pytest.mark.parametrize("make, lora", [
+    (gemma, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte"], fan_in_fan_out=True)),
+], ids=["gemma", "gpt2"])
+def test_modules_to_save_on_a_tied_embedding(make, lora, tmp_path):
+    """PEFT copies the embedding module; the tied output head keeps the old table. The Flax model reads
+    one table for both, so jlora runs the replacement in the lookups only. A merged tree can hold only one
+    table (PEFT's merged model unties them): merge puts in the replacement and warns."""
+    torch_cls, flax_cls, cfg = make()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora)
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
+
+    with pytest.warns(UserWarning, match="output head"):
+        merged = jlora.merge(lora_params)
+    (path, node), = [(p, n) for p, n in jlora.tree.adapted_modules(lora_params) if "embedding" in n]
+    np.testing.assert_array_equal(jlora.tree.get_path(merged, path)["embedding"], node["embedding"])
+
+    pm = peft_loads_cleanly(twin.torch_base, jlora.save(lora_params, tmp_path / "again"))
+    assert rel_err(torch_logits(pm, twin.inputs), want) <= TOL

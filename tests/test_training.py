@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import jlora
 from peft_twin import build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
-from test_parity_models import gpt2, llama
+from test_parity_models import gemma, gpt2, llama
 
 
 def llama_with_biases():
@@ -32,6 +32,8 @@ LORA = {
     "embedding_and_modules_to_save": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"],
                                                   modules_to_save=["lm_head"])),
     "trainable_tokens": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[1, 3])),
+    "modules_to_save_tied_embedding": (gemma, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                   modules_to_save=["embed_tokens"])),
 }
 
 
