@@ -172,7 +172,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                 base = module[mapping.flax_key]
                 children[mapping.flax_key] = placer.put(mapping.to_flax(tensors[key]), base.dtype, base=base, key=key,
                                                         path=path + (mapping.flax_key,), axes=tuple(range(base.ndim)))
-                if mapping.flax_key == "embedding" and not lora and layout.head_tied_to_embedding():
+                if mapping.flax_key == "embedding" and not lora and not t.tied_copy and layout.head_tied_to_embedding():
                     children[BASE_TABLE] = base  # modules_to_save: PEFT's tied head keeps the base table
                 file_keys.append((mapping.flax_key, stored_as))
                 if is_trainable_param(config, t.name, stored_as):
@@ -198,6 +198,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             file_keys=tuple(sorted(file_keys)),
             sources=tuple(sources),
             config_json=config_json,
+            tied_copy=next((t.tied_copy for t in group if t.tied_copy), ""),
         )
         updates[path] = AdaptedModule(children, spec)
     placer.finish()

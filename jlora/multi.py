@@ -31,7 +31,8 @@ from .targeting import module_scale
 from .tree import (LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules,
                    get_path, set_paths)
 
-_MULTI_UNSUPPORTED = ("dora", "replacement tensors (biases, modules_to_save, trainable tokens)")
+_MULTI_UNSUPPORTED = ("dora", "replacement tensors (biases, modules_to_save, trainable tokens)",
+                      "an embedding whose tied output head shares its adapter (ensure_weight_tying)")
 
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
@@ -43,7 +44,7 @@ def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
 def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
     spec = node.spec
     problems = [what for what, bad in zip(_MULTI_UNSUPPORTED, (
-        spec.dora, _replaces_base(node, base) or not spec.has_lora)) if bad]
+        spec.dora, _replaces_base(node, base) or not spec.has_lora, spec.tied_copy)) if bad]
     if problems:
         raise AdapterError(f"adapter {name!r}, module {spec.peft_name}: several adapters in one tree do not support "
                            f"{', '.join(problems)}; load this adapter on its own")

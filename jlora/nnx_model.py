@@ -112,14 +112,15 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
-                  if node.has_side_path and node.spec.layer_axis is None}
+                  if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
     merged = [path for path, node in sites.items() if node.has_side_path and path not in side]
     model = probe
+    unplanned = sorted(sites[path].spec.peft_name for path in merged if not sites[path].spec.merged_in_call)
+    if unplanned:
+        warnings.warn(f"jlora.nnx_model: no unmerged side path for {unplanned} (module class without one, or a "
+                      "stacked kernel); their kernels are merged inside the call", stacklevel=2)
     if merged:
-        warnings.warn(f"jlora.nnx_model: no unmerged side path for {sorted(sites[p].spec.peft_name for p in merged)} "
-                      "(module class without one, or a stacked kernel); their kernels are merged inside the call",
-                      stacklevel=2)
         model = nnx.merge(graphdef, set_paths(plain, {path: merged_module(sites[path]) for path in merged}))
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]

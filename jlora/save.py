@@ -83,6 +83,22 @@ def _node_tensors(node: AdaptedModule, layout: Layout, fetch: Callable) -> dict[
         if child in node.base_children():
             value = layout.torch_param(child)[1](value)
         out[f"{PREFIX}{node.spec.peft_name}.{suffix}"] = np.asarray(value)
+    if node.spec.tied_copy:
+        out.update(_tied_copy_tensors(node.spec, out))
+    return out
+
+
+def _tied_copy_tensors(spec, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tied output head's tensors that PEFT writes with ensure_weight_tying: the embedding's table (or
+    base table) as is, and its LoRA factors as a Linear's: ``lora_A = lora_embedding_B.T``, ``lora_B = lora_embedding_A.T``."""
+    own, head = f"{PREFIX}{spec.peft_name}.", f"{PREFIX}{spec.tied_copy}."
+    renamed = {"weight": ("weight", False), "base_layer.weight": ("base_layer.weight", False),
+               "lora_embedding_B": ("lora_A.weight", True), "lora_embedding_A": ("lora_B.weight", True)}
+    out = {}
+    for suffix, (head_suffix, transposed) in renamed.items():
+        if own + suffix in tensors:
+            value = tensors[own + suffix]
+            out[head + head_suffix] = np.ascontiguousarray(value.T) if transposed else value
     return out
 
 

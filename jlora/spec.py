@@ -53,6 +53,7 @@ class Target:
     tensors: ModuleTensors
     scale: float = 1.0
     token_indices: tuple[int, ...] = ()
+    tied_copy: str = ""  # PEFT name of an output head whose tensors mirror this embedding's (ensure_weight_tying)
 
 
 def group_keys(keys, source: str = "adapter_model.safetensors") -> dict[str, ModuleTensors]:
@@ -96,10 +97,44 @@ def _token_indices(config: LoraConfig, name: str) -> tuple[int, ...] | None:
     return None
 
 
+def _mirrors(head: ModuleTensors, embedding: ModuleTensors, tensors: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``head``'s tensors are the tied copy PEFT saves of ``embedding``'s (ensure_weight_tying): the same
+    modules_to_save table, or LoRA factors ``lora_A = lora_embedding_B.T``, ``lora_B = lora_embedding_A.T``
+    (plus the same base table)."""
+    def equal(key: str, other: str, transposed: bool = False) -> bool:
+        x, y = np.asarray(tensors[key]), np.asarray(tensors[other])
+        return np.array_equal(x, y.T if transposed else y)
+
+    if set(head.params) - {"weight", "base_layer.weight"} or not all(
+            p in embedding.params and equal(k, embedding.params[p]) for p, k in head.params.items()):
+        return False
+    if not head.roles and not embedding.roles:
+        return "weight" in head.params
+    return (set(head.roles) == {"lora_A", "lora_B"} and set(embedding.roles) == {"emb_A", "emb_B"}
+            and equal(head.roles["lora_A"], embedding.roles["emb_B"], transposed=True)
+            and equal(head.roles["lora_B"], embedding.roles["emb_A"], transposed=True))
+
+
+def _tied_head_copies(config: LoraConfig, groups: dict[str, ModuleTensors], tensors, layout: Layout) -> dict[str, str]:
+    """``{embedding module: head module}`` for output heads saved as tied copies of the input embedding's adapter
+    (PEFT with ``ensure_weight_tying``) when the tree ties its head to that table, so the head has no place."""
+    if not config.ensure_weight_tying or not layout.head_tied_to_embedding():
+        return {}
+    heads = [n for n in groups if n.rpartition(".")[2] in ("lm_head", "embed_out") and layout.place(n, None) is None]
+    embeddings = [n for n, g in groups.items() if "emb_A" in g.roles or (
+        "weight" in g.params and (p := layout.place(n, None)) is not None and "embedding" in layout._module(p.path))]
+    if len(heads) != 1 or len(embeddings) != 1 or not _mirrors(groups[heads[0]], groups[embeddings[0]], tensors):
+        return {}
+    return {embeddings[0]: heads[0]}
+
+
 def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout: Layout,
                   source: str = "adapter_model.safetensors") -> list[Target]:
     """Resolve every module of the checkpoint against the tree; raise all problems at once."""
     groups = group_keys(tensors.keys(), source)
+    tied = _tied_head_copies(config, groups, tensors, layout)
+    for head in tied.values():
+        del groups[head]
     problems: list[str] = []
     targets: list[Target] = []
     tree_name = getattr(layout, "tree_name", "Flax")  # "Flax", "PyTorch": how messages call the tree
@@ -133,7 +168,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             problems.append(layout.explain_missing(name))
             continue
         module = layout._module(placement.path)
-        target = Target(name, placement, group)
+        target = Target(name, placement, group, tied_copy=tied.get(name, ""))
 
         if has_lora:
             where = "/".join(map(str, placement.path + (placement.kernel_key,)))

@@ -75,10 +75,18 @@ class ModuleSpec:
     config_json: str = dataclasses.field(default="{}", compare=False)
     # multi-adapter modules: (name, that adapter's own spec or None, its rank width) per adapter index
     adapters: tuple[tuple[str, "ModuleSpec | None", int], ...] = ()
+    # an input embedding whose output head shares its table, adapter included (PEFT's ensure_weight_tying): the
+    # head's PEFT name, whose mirrored tensors save writes back; its LoRA is merged into the table in the call
+    tied_copy: str = ""
 
     @property
     def has_lora(self) -> bool:
         return self.kind in ("linear", "embedding")
+
+    @property
+    def merged_in_call(self) -> bool:
+        """LoRA that the unmerged forward merges into its table anyway: a tied head reads that table too."""
+        return self.has_lora and bool(self.tied_copy)
 
     def rank_block(self, source: FactorSource, width: int) -> slice:
         """The rank columns reserved for ``source``'s part (its ``rank`` first, then zero padding): from its

@@ -162,8 +162,10 @@ def wrap(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         multi = require_adapter_ids(sites.values(), adapter_ids)
         lora_sites = {i for i, n in sites.items() if n.has_side_path}
+        tied = {i for i in lora_sites if sites[i].spec.merged_in_call}
         fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites, adapter_ids)) if lora_sites else frozenset()
-        names = sorted(sites[i].spec.peft_name for i in fallback)
+        names = sorted(sites[i].spec.peft_name for i in fallback - tied)
+        fallback |= tied
         if multi and names:
             raise AdapterError(f"mixed-adapter batches need a side path for every adapted module; {names} have none")
         if names and tuple(names) not in warned:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
 import jlora
 from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
@@ -75,3 +76,36 @@ def test_modules_to_save_on_a_tied_embedding(make, lora, tmp_path):
 
     pm = peft_loads_cleanly(twin.torch_base, jlora.save(lora_params, tmp_path / "again"))
     assert rel_err(torch_logits(pm, twin.inputs), want) <= TOL
+
+
+@pytest.mark.parametrize("lora", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True),
+], ids=["modules_to_save", "embedding_lora"])
+def test_ensure_weight_tying_on_a_tied_embedding(lora, tmp_path):
+    """PEFT's ensure_weight_tying saves the tied lm_head too, as a copy of the embedding's table or with LoRA
+    factors that are the embedding's transposed; the head then reads the adapted table. The Flax tree has one
+    table, so the copy has no place of its own: it is checked, used as the tied table, and written back by save."""
+    torch_cls, flax_cls, cfg = gemma()
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, lora)
+    file = load_file(twin.adapter_dir / "adapter_model.safetensors")
+    assert any(k.startswith("base_model.model.lm_head.") for k in file)
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
+    # the merged table against PEFT's unmerged output: PEFT 0.21's merge_and_unload adds the tied LoRA delta
+    # twice (once for embed_tokens, once for the lm_head sharing its weight)
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), want) <= TOL
+
+    out = jlora.save(lora_params, tmp_path / "again")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert set(saved) == set(file)
+    for key, value in file.items():
+        np.testing.assert_array_equal(saved[key].numpy(), value.numpy(), err_msg=key)
+    assert rel_err(torch_logits(peft_loads_cleanly(twin.torch_base, out), twin.inputs), want) <= TOL
+
+    head_adapter = [k for k in file if k.startswith("base_model.model.lm_head.") and "base_layer" not in k]
+    broken = {k: v + 1 if k in head_adapter else v for k, v in file.items()}
+    save_file(broken, str(twin.adapter_dir / "adapter_model.safetensors"))
+    with pytest.raises(jlora.TargetMismatchError, match="lm_head"):  # a head that is not a tied copy has no place
+        jlora.load(twin.flax_model.params, twin.adapter_dir)
