@@ -33,6 +33,10 @@ def _module_names(params: Mapping) -> dict[str, Mapping]:
     return {".".join(map(str, path)): module for path, module in iter_modules(params) if path}
 
 
+# task types whose PEFT model class adds the classification head to modules_to_save
+_HEADS_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
 def _all_linear(names: dict[str, Mapping]) -> list[str]:
     """PEFT's "all-linear": every 2-D kernel (Linear / Conv1D) except the output head."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in names.items()
@@ -89,7 +93,10 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     params = as_param_tree(params)
     tree_names = _module_names(params)
     names = list(module_names) if module_names is not None else list(tree_names)
-    if config.target_modules == "all-linear":
+    heads = [h for h in _HEADS_TO_SAVE.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
+    if heads:  # PEFT's PeftModelForSequenceClassification / ...TokenClassification train their head
+        config = LoraConfig(**{**config.to_dict(), "modules_to_save": list(config.modules_to_save or []) + heads})
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config = LoraConfig(**{**config.to_dict(), "target_modules": _all_linear(tree_names)})
     bound = get_layout(layout).bind(params, names)
     tensors: dict[str, np.ndarray] = {}

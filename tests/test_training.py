@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import jlora
 from peft_twin import build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
-from test_parity_models import gemma, gpt2, llama
+from test_parity_models import bert_cls, gemma, gpt2, llama, opt, roberta_cls
 
 
 def llama_with_biases():
@@ -150,6 +150,25 @@ def test_init_save_loads_in_peft(tmp_path, lora):
     out = jlora.save(lp, tmp_path / "fresh")
     pm = peft_loads_cleanly(twin.torch_base, out)
     assert rel_err(flax_logits_wrapped(twin, lp), torch_logits(pm, twin.inputs)) <= 1e-4
+
+
+@pytest.mark.parametrize("make, task_type", [(llama, "CAUSAL_LM"), (gpt2, "CAUSAL_LM"), (opt, "CAUSAL_LM"),
+                                             (bert_cls, "SEQ_CLS"), (bert_cls, None), (roberta_cls, "SEQ_CLS")],
+                         ids=["llama", "gpt2", "opt", "bert_seq_cls", "bert_no_task", "roberta_seq_cls"])
+def test_init_targets_what_peft_targets(make, task_type, tmp_path):
+    """all-linear skips the output head; task_type SEQ_CLS adds the classifier to modules_to_save, as PEFT's
+    PeftModelForSequenceClassification does (so neither it nor a Linear inside it gets LoRA)."""
+    torch_cls, flax_cls, cfg = make()
+    torch.manual_seed(0)
+    base = torch_cls(cfg).eval()
+    kwargs = dict(r=2, target_modules="all-linear", task_type=task_type)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    want = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(pm).items()}
+    base.save_pretrained(tmp_path / "base")
+    flax_model = flax_cls.from_pretrained(tmp_path / "base", from_pt=True)
+    lp = jlora.init(flax_model.params, jlora.LoraConfig(**kwargs), key=jax.random.key(0))
+    assert {k: tuple(v.shape) for k, v in jlora.to_peft_tensors(lp).items()} == want
+    assert any("classifier" in k and "lora_" not in k for k in want) == (task_type == "SEQ_CLS")  # saved whole
 
 
 def test_init_matches_peft_statistics(tmp_path):
