@@ -6,6 +6,7 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
@@ -87,3 +88,34 @@ def test_conv_dora_parity_and_round_trip(tmp_path):
     fresh = jlora.init(twin.flax_model.params, jlora.LoraConfig(init_lora_weights=False, **lora), key=jax.random.key(0))
     pm = peft_loads_cleanly(twin.torch_base, jlora.save(fresh, tmp_path / "fresh"))
     assert rel_err(flax_logits_wrapped(twin, fresh), torch_logits(pm, twin.inputs)) <= 1e-4
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_conv_gradients_match_peft(use_dora, tmp_path):
+    """Gradients of every trainable tensor (conv and linear factors, DoRA magnitudes, the saved classifier)
+    for a weighted sum of the logits, against PEFT's backward."""
+    import peft
+
+    cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    weights = rng.standard_normal((2, 3)).astype(np.float32)
+    twin = build_twin(tmp_path, tf.ViTForImageClassification, tf.FlaxViTForImageClassification, cfg,
+                      dict(r=4, lora_alpha=8, target_modules=["projection", "query"], use_dora=use_dora,
+                           modules_to_save=["classifier"]), inputs={"pixel_values": pixels})
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(twin.torch_base), twin.adapter_dir, is_trainable=True)
+    loss_t = (pm(pixel_values=torch.as_tensor(pixels)).logits * torch.as_tensor(weights)).sum()
+    loss_t.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    want = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(pm, state_dict=grads).items()}
+
+    trainable, frozen = jlora.split(jlora.load(twin.flax_model.params, twin.adapter_dir))
+    forward = jlora.wrap(twin.flax_model.__call__)
+    loss = lambda t: (forward(jnp.asarray(pixels), params=jlora.combine(t, frozen)).logits * weights).sum()  # noqa: E731
+    loss_j, grad = jax.value_and_grad(loss)(trainable)
+    got = jlora.to_peft_tensors(jlora.combine(grad, frozen))
+    assert rel_err(loss_j, loss_t.item()) <= 1e-5
+    assert set(want) <= set(got) and any("projection.lora_A" in k for k in want)
+    for key, value in want.items():
+        assert rel_err(got[key], value) <= 1e-4, key
