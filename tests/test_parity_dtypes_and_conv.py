@@ -27,7 +27,10 @@ def test_bfloat16_base(tmp_path):
     assert q["kernel"].dtype == jnp.bfloat16 and q["lora_A"].dtype == jnp.float32  # PEFT keeps adapters in fp32
     wrapped = flax_logits_wrapped(twin, lora_params)
     merged_params = jlora.merge(lora_params)
-    assert merged_params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    merged_q = merged_params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert merged_q.dtype == jnp.bfloat16
+    peft_q = copy.deepcopy(twin.peft_model).merge_and_unload().model.layers[0].self_attn.q_proj.weight
+    np.testing.assert_array_equal(np.asarray(merged_q.astype(jnp.float32)), peft_q.detach().float().numpy().T)
     merged = flax_logits_plain(twin, merged_params)
     base = flax_logits_plain(twin, params)
     # bf16 rounding differs between torch and XLA; the adapter's effect is far larger than that noise
