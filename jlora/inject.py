@@ -144,7 +144,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
     for path, group in by_module.items():
         module = get_path(params, path)
         children = dict(module)
-        trainable, file_keys, sources = [], [], []
+        trainable, file_keys, sources, token_head = [], [], [], ()
         lora = [t for t in group if t.placement.kind != "none"]
         first = lora[0].placement if lora else group[0].placement
         if lora:
@@ -184,6 +184,9 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                                                    key=t.tensors.roles["token_delta"])
                 trainable.append(TOKEN_DELTA)
                 file_keys.append((TOKEN_DELTA, "token_adapter.trainable_tokens_delta"))
+                head = layout.head_copying(table)  # PEFT ties trainable tokens to a tied head: its rows change too
+                if head is not None and head not in by_module:  # (a head the adapter changes itself stays as is)
+                    token_head = (len(path), head + ("kernel",))
         spec = ModuleSpec(
             peft_name=group[0].name,
             kind=first.kind if lora else "none",
@@ -199,6 +202,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             sources=tuple(sources),
             config_json=config_json,
             tied_copy=next((t.tied_copy for t in group if t.tied_copy), ""),
+            token_head=token_head,
         )
         updates[path] = AdaptedModule(children, spec)
     placer.finish()

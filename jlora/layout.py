@@ -334,6 +334,16 @@ class Layout:
         ``lm_head`` / ``embed_out`` module of its own (GPT-2, Gemma, OPT, Bart; also head-less base models)."""
         return not any(key in ("lm_head", "embed_out") for p, _ in iter_modules(self.params) for key in map(str, p))
 
+    def head_copying(self, table: Any) -> tuple | None:
+        """The module path of an output head (``lm_head`` / ``embed_out``) whose kernel is a copy of embedding
+        ``table`` transposed: a tied model converted into a tree with an untied head (FlaxLlama has no tying)."""
+        for path, module in iter_modules(self.params):
+            kernel = module.get("kernel")
+            if path and str(path[-1]) in ("lm_head", "embed_out") and getattr(kernel, "shape", None) == \
+                    tuple(table.shape[::-1]) and np.array_equal(np.asarray(kernel), np.asarray(table).T):
+                return path
+        return None
+
     def explain_missing(self, name: str) -> str:
         hint = ""
         if name.split(".")[-1] in ("lm_head", "embed_out") and self.head_tied_to_embedding():

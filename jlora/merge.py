@@ -85,6 +85,31 @@ def with_token_rows(node: AdaptedModule, children: dict) -> dict:
     return children
 
 
+def tied_head_columns(keyed_leaves: list[tuple[tuple, Any]]) -> dict[int, jax.Array]:
+    """Trainable tokens that PEFT ties to the output head, when this tree holds the head as a separate copy of
+    the table (``ModuleSpec.token_head``): ``{leaf index of that head kernel: kernel with the token columns
+    replaced}``. ``keyed_leaves``: ``(key path, leaf)`` pairs, AdaptedModules as leaves."""
+    index = {path: i for i, (path, _) in enumerate(keyed_leaves)}
+    out = {}
+    for path, node in keyed_leaves:
+        if is_adapted(node) and node.spec.token_head:
+            depth, head = node.spec.token_head
+            i = index.get(path[:len(path) - depth] + head)
+            if i is None:
+                raise AdapterError(f"{node.spec.peft_name}: its trainable tokens are tied to the output head at "
+                                   f"{'/'.join(map(str, head))}, which is not in the parameters passed")
+            kernel = jnp.asarray(keyed_leaves[i][1])
+            columns = jnp.asarray(node.spec.token_indices, jnp.int32)
+            out[i] = kernel.at[:, columns].set(node[TOKEN_DELTA].T.astype(kernel.dtype))
+    return out
+
+
+def keyed(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+    """``tree`` flattened to ``(plain key path, leaf)`` pairs (AdaptedModules as leaves) and its treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), leaf) for path, leaf in flat], treedef
+
+
 def plain_module(node: AdaptedModule) -> dict[str, Any]:
     """The module's parameters as the rest of the model sees them when the adapter runs unmerged:
     replacement tensors applied, LoRA factors left out, and a replaced embedding table with a tied output
@@ -138,7 +163,8 @@ def merge(lora_params: Any) -> Any:
     Example:
         >>> merged = jlora.merge(jlora.load(params, "adapter_dir"))
     """
-    leaves, treedef = jax.tree_util.tree_flatten(lora_params, is_leaf=is_adapted)
+    pairs, treedef = keyed(lora_params)
+    leaves = [leaf for _, leaf in pairs]
     where = [i for i, leaf in enumerate(leaves) if is_adapted(leaf)]
     tied = sorted(leaves[i].spec.peft_name for i in where if BASE_TABLE in leaves[i])
     if tied:
@@ -146,6 +172,8 @@ def merge(lora_params: Any) -> Any:
                       "head appears to share (the tree has no lm_head). The merged tree has one table, so such a head "
                       "now reads the replacement too, while PEFT's head keeps the old table (its merge_and_unload "
                       "unties them). jlora.wrap runs the adapter as PEFT does.", stacklevel=2)
+    for i, kernel in tied_head_columns(pairs).items():
+        leaves[i] = kernel
     for i, merged in zip(where, _merge_modules([leaves[i] for i in where])):
         leaves[i] = merged
     return jax.tree_util.tree_unflatten(treedef, leaves)

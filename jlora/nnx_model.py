@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from .merge import merged_module, plain_module
+from .merge import keyed, merged_module, plain_module, tied_head_columns
 from .side_paths import CallContext, side_path_for
 from .tree import AdaptedModule, ModuleSpec, adapted_modules, set_paths
 from .wrap import lora_dropout, require_adapter_ids, side_entries
@@ -109,7 +109,12 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     """
     sites = dict(adapted_modules(lora_params))
     require_adapter_ids(sites.values(), adapter_ids)
-    plain = set_paths(lora_params, {path: plain_module(node) for path, node in sites.items()})
+    pairs, treedef = keyed(lora_params)
+    leaves = [leaf for _, leaf in pairs]
+    for i, kernel in tied_head_columns(pairs).items():  # trainable tokens tied to a copied head
+        leaves[i] = kernel
+    plain = set_paths(jax.tree_util.tree_unflatten(treedef, leaves),
+                      {path: plain_module(node) for path, node in sites.items()})
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}

@@ -78,6 +78,9 @@ class ModuleSpec:
     # an input embedding whose output head shares its table, adapter included (PEFT's ensure_weight_tying): the
     # head's PEFT name, whose mirrored tensors save writes back; its LoRA is merged into the table in the call
     tied_copy: str = ""
+    # trainable tokens whose output head is a separate copy of the table in this tree (a tied model untied by
+    # copying): (depth of this module below the tree root, head kernel path from that root); its columns change too
+    token_head: tuple = ()
 
     @property
     def has_lora(self) -> bool:

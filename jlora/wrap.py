@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .merge import merged_module, plain_module
+from .merge import keyed, merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
 from .side_paths import INPUT_TABLE, CallContext, side_path_for
 from .tree import BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
@@ -116,8 +116,10 @@ def wrap(fn: Callable) -> Callable:
     probed: dict[Any, frozenset[int]] = {}
     warned: set[str] = set()
 
-    def rebuild(leaves, treedef, sites, fallback):
+    def rebuild(paths, leaves, treedef, sites, fallback):
         new = list(leaves)
+        for i, kernel in tied_head_columns(list(zip(paths, leaves))).items():
+            new[i] = kernel
         for i, node in sites.items():
             if i in fallback:
                 new[i] = merged_module(node)
@@ -127,7 +129,7 @@ def wrap(fn: Callable) -> Callable:
                     new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
-    def handled_sites(leaves, treedef, sites, adapter_ids) -> frozenset[int]:
+    def handled_sites(paths, leaves, treedef, sites, adapter_ids) -> frozenset[int]:
         """Which sites a side path consumes: found once per argument structure by an abstract trace."""
         if treedef in probed:
             return probed[treedef]
@@ -140,7 +142,7 @@ def wrap(fn: Callable) -> Callable:
                 full[i] = value
             for i, node in zip(sites, nodes):
                 full[i] = node
-            args, kwargs = rebuild(full, treedef, dict(zip(sites, nodes)), frozenset())
+            args, kwargs = rebuild(paths, full, treedef, dict(zip(sites, nodes)), frozenset())
             specs = {i: n.spec for i, n in zip(sites, nodes)}
             with nn.intercept_methods(_interceptor(specs, handled, None, adapter_ids)):
                 return fn(*args, **kwargs)
@@ -156,14 +158,16 @@ def wrap(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, lora_dropout_key: jax.Array | None = None, adapter_ids: jax.Array | None = None, **kwargs):
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_adapted)
+        pairs, treedef = keyed((args, kwargs))
+        paths, leaves = [path for path, _ in pairs], [leaf for _, leaf in pairs]
         sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
         if not sites:
             return fn(*args, **kwargs)
         multi = require_adapter_ids(sites.values(), adapter_ids)
         lora_sites = {i for i, n in sites.items() if n.has_side_path}
         tied = {i for i in lora_sites if sites[i].spec.merged_in_call}
-        fallback = frozenset(lora_sites - handled_sites(leaves, treedef, sites, adapter_ids)) if lora_sites else frozenset()
+        fallback = frozenset(lora_sites - handled_sites(paths, leaves, treedef, sites, adapter_ids)) if lora_sites \
+            else frozenset()
         names = sorted(sites[i].spec.peft_name for i in fallback - tied)
         fallback |= tied
         if multi and names:
@@ -178,7 +182,7 @@ def wrap(fn: Callable) -> Callable:
             warned.add(("dropout",) + tuple(dropped))
             warnings.warn(f"jlora.wrap: lora_dropout is not applied to {dropped}: their kernels are merged inside "
                           "the call, where the LoRA branch has no input of its own to drop", stacklevel=2)
-        new_args, new_kwargs = rebuild(leaves, treedef, sites, fallback)
+        new_args, new_kwargs = rebuild(paths, leaves, treedef, sites, fallback)
         specs = {i: n.spec for i, n in sites.items()}
         with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids)):
             return fn(*new_args, **new_kwargs)

@@ -1,6 +1,8 @@
 """Parity with PEFT for every adapter feature jlora supports (float32, tiny models built here)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -109,3 +111,37 @@ def test_ensure_weight_tying_on_a_tied_embedding(lora, tmp_path):
     save_file(broken, str(twin.adapter_dir / "adapter_model.safetensors"))
     with pytest.raises(jlora.TargetMismatchError, match="lm_head"):  # a head that is not a tied copy has no place
         jlora.load(twin.flax_model.params, twin.adapter_dir)
+
+
+def test_trainable_tokens_tied_to_a_copied_head(tmp_path):
+    """A tied model (Llama with tie_word_embeddings) in a Flax tree whose lm_head is a copy of the table, as
+    FlaxLlama needs: PEFT ties the trainable tokens to the head, so the head's rows for those tokens change too.
+    Logits (wrapped and merged), loss and the delta's gradient (summed over both uses) against PEFT."""
+    import jax
+    import jax.numpy as jnp
+    import peft
+    import torch
+    from test_training import jax_loss_fn, torch_grads_by_peft_key
+
+    torch_cls, flax_cls, cfg = llama()
+    cfg.tie_word_embeddings = True
+    twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               trainable_token_indices=[1, 3, 60]))
+    params = twin.flax_model.params
+    params["lm_head"]["kernel"] = params["model"]["embed_tokens"]["embedding"].T  # FlaxLlama does not tie
+    assert rel_err(flax_logits_plain(twin, params), torch_logits(twin.torch_base, twin.inputs)) <= TOL
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(params, twin.adapter_dir)
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
+    assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), want) <= TOL
+
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(twin.torch_base), twin.adapter_dir, is_trainable=True)
+    ids = twin.inputs["input_ids"]
+    loss_t = pm(input_ids=torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss
+    loss_t.backward()
+    trainable, frozen = jlora.split(lora_params)
+    loss_j, grads = jax.value_and_grad(jax_loss_fn(twin.flax_model))(trainable, frozen, jnp.asarray(ids))
+    assert rel_err(loss_j, loss_t.item()) <= 1e-4
+    got = jlora.to_peft_tensors(jlora.combine(grads, frozen))
+    for key, g in torch_grads_by_peft_key(pm).items():
+        assert rel_err(got[key], g) <= 1e-4, key
