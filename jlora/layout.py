@@ -340,7 +340,8 @@ class Layout:
         for path, module in iter_modules(self.params):
             kernel = module.get("kernel")
             if path and str(path[-1]) in ("lm_head", "embed_out") and getattr(kernel, "shape", None) == \
-                    tuple(table.shape[::-1]) and np.array_equal(np.asarray(kernel), np.asarray(table).T):
+                    tuple(table.shape[::-1]) and np.array_equal(np.asarray(kernel[:, :4]), np.asarray(table[:4]).T) \
+                    and np.array_equal(np.asarray(kernel), np.asarray(table).T):  # (a few rows first: cheap rejection)
                 return path
         return None
 
