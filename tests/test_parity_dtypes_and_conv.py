@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 import jlora
 from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from test_parity_models import llama
+from test_training import fixed_mask
 
 
 def test_bfloat16_base(tmp_path):
@@ -93,32 +95,58 @@ def test_conv_dora_parity_and_round_trip(tmp_path):
     assert rel_err(flax_logits_wrapped(twin, fresh), torch_logits(pm, twin.inputs)) <= 1e-4
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_conv_gradients_match_peft(use_dora, tmp_path):
+def _nchw_mask(shape: tuple) -> np.ndarray:
+    """The dropout mask JAX uses for the same activation: conv inputs are NHWC there, NCHW in torch."""
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return fixed_mask((n, h, w, c)).transpose(0, 3, 1, 2)
+    return fixed_mask(shape)
+
+
+class _FixedConvMask(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.as_tensor(_nchw_mask(tuple(x.shape)), dtype=x.dtype)
+
+
+@pytest.mark.parametrize("use_dora, dropout", [(False, 0.0), (True, 0.0), (True, 0.3)],
+                         ids=["lora", "dora", "dora_dropout"])
+def test_conv_gradients_match_peft(use_dora, dropout, tmp_path, monkeypatch):
     """Gradients of every trainable tensor (conv and linear factors, DoRA magnitudes, the saved classifier)
-    for a weighted sum of the logits, against PEFT's backward."""
+    for a weighted sum of the logits, against PEFT's backward; with lora_dropout, PEFT in train mode and both
+    sides dropping the same entries (DoRA's base term then runs the conv on the dropped input)."""
     import peft
 
     cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+                       num_attention_heads=4, intermediate_size=48, num_labels=3, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     weights = rng.standard_normal((2, 3)).astype(np.float32)
     twin = build_twin(tmp_path, tf.ViTForImageClassification, tf.FlaxViTForImageClassification, cfg,
                       dict(r=4, lora_alpha=8, target_modules=["projection", "query"], use_dora=use_dora,
-                           modules_to_save=["classifier"]), inputs={"pixel_values": pixels})
+                           lora_dropout=dropout, modules_to_save=["classifier"]), inputs={"pixel_values": pixels})
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(twin.torch_base), twin.adapter_dir, is_trainable=True)
+    pm.train(dropout > 0)
+    for module in pm.modules():
+        if dropout and isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = _FixedConvMask()
     loss_t = (pm(pixel_values=torch.as_tensor(pixels)).logits * torch.as_tensor(weights)).sum()
     loss_t.backward()
     grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
     want = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(pm, state_dict=grads).items()}
 
+    wrap_module = importlib.import_module("jlora.wrap")
+    real_dropout = wrap_module.lora_dropout
+    monkeypatch.setattr(wrap_module, "lora_dropout", lambda key, rate, site, name: real_dropout(key, rate, site, name)
+                        if key is None else (lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)))
     trainable, frozen = jlora.split(jlora.load(twin.flax_model.params, twin.adapter_dir))
     forward = jlora.wrap(twin.flax_model.__call__)
-    loss = lambda t: (forward(jnp.asarray(pixels), params=jlora.combine(t, frozen)).logits * weights).sum()  # noqa: E731
+    key = jax.random.key(0) if dropout else None
+    loss = lambda t: (forward(jnp.asarray(pixels), params=jlora.combine(t, frozen), lora_dropout_key=key).logits  # noqa: E731
+                      * weights).sum()
     loss_j, grad = jax.value_and_grad(loss)(trainable)
     got = jlora.to_peft_tensors(jlora.combine(grad, frozen))
     assert rel_err(loss_j, loss_t.item()) <= 1e-5
     assert set(want) <= set(got) and any("projection.lora_A" in k for k in want)
-    for key, value in want.items():
-        assert rel_err(got[key], value) <= 1e-4, key
+    for key_, value in want.items():
+        assert rel_err(got[key_], value) <= 1e-4, key_
