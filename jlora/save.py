@@ -31,7 +31,8 @@ from .errors import AdapterError
 from .layout import HfLayout, Layout
 from .spec import PREFIX
 from .targeting import module_scale
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource, adapted_modules
+from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec,
+                   adapted_modules)
 
 
 def _stub(x: Any) -> np.ndarray:
@@ -88,9 +89,10 @@ def _node_tensors(node: AdaptedModule, layout: Layout, fetch: Callable) -> dict[
     return out
 
 
-def _tied_copy_tensors(spec, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _tied_copy_tensors(spec: ModuleSpec, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The tied output head's tensors that PEFT writes with ensure_weight_tying: the embedding's table (or
-    base table) as is, and its LoRA factors as a Linear's: ``lora_A = lora_embedding_B.T``, ``lora_B = lora_embedding_A.T``."""
+    base table) as is, and its LoRA factors as a Linear's: ``lora_A = lora_embedding_B.T``,
+    ``lora_B = lora_embedding_A.T``."""
     own, head = f"{PREFIX}{spec.peft_name}.", f"{PREFIX}{spec.tied_copy}."
     renamed = {"weight": ("weight", False), "base_layer.weight": ("base_layer.weight", False),
                "lora_embedding_B": ("lora_A.weight", True), "lora_embedding_A": ("lora_B.weight", True)}

@@ -177,7 +177,8 @@ def wrap(fn: Callable) -> Callable:
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call (for NNX models, jlora.nnx_model runs them "
                           "unmerged)", stacklevel=2)
-        dropped = sorted(sites[i].spec.peft_name for i in fallback if sites[i].spec.has_lora and sites[i].spec.dropout > 0)
+        dropped = sorted(sites[i].spec.peft_name for i in fallback - tied
+                         if sites[i].spec.has_lora and sites[i].spec.dropout > 0)
         if lora_dropout_key is not None and dropped and ("dropout",) + tuple(dropped) not in warned:
             warned.add(("dropout",) + tuple(dropped))
             warnings.warn(f"jlora.wrap: lora_dropout is not applied to {dropped}: their kernels are merged inside "

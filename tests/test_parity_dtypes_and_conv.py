@@ -142,8 +142,9 @@ def test_conv_gradients_match_peft(use_dora, dropout, tmp_path, monkeypatch):
     trainable, frozen = jlora.split(jlora.load(twin.flax_model.params, twin.adapter_dir))
     forward = jlora.wrap(twin.flax_model.__call__)
     key = jax.random.key(0) if dropout else None
-    loss = lambda t: (forward(jnp.asarray(pixels), params=jlora.combine(t, frozen), lora_dropout_key=key).logits  # noqa: E731
-                      * weights).sum()
+    def loss(t):
+        return (forward(jnp.asarray(pixels), params=jlora.combine(t, frozen), lora_dropout_key=key).logits
+                * weights).sum()
     loss_j, grad = jax.value_and_grad(loss)(trainable)
     got = jlora.to_peft_tensors(jlora.combine(grad, frozen))
     assert rel_err(loss_j, loss_t.item()) <= 1e-5
