@@ -2,8 +2,8 @@
 
 NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an adapter into the
 kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
-caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum`` and ``Embed``: it runs the
-module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
+caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv``: it
+runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Other module types and stacked kernels get their
 kernel merged in the call, with a warning. The model is built for one call (inside ``jax.jit`` or a
 loss function): the adapter arrays are its inputs, so gradients reach them.
@@ -46,9 +46,10 @@ class _NnxModuleView:
         variable = getattr(self.module, name, None)
         return None if variable is None else variable[...]
 
-    def clone(self, **fields: Any) -> "_BiasFree":
-        """Its one use (DoRA's base term on the dropped input) asks for the module without bias."""
-        return _BiasFree(self)
+    def clone(self, **fields: Any) -> "_BiasFree | _ConvDown":
+        """The module without bias (DoRA's base term on the dropped input), or, given ``features``, a
+        convolution like this one with that many output features (a conv side path's ``x @ A``)."""
+        return _ConvDown(self.module, fields) if "features" in fields else _BiasFree(self)
 
 
 class _BiasFree:
@@ -61,6 +62,23 @@ class _BiasFree:
         y = self.view.module(x)
         bias = self.view.get_variable("params", "bias")
         return y if bias is None else y - bias
+
+
+class _ConvDown:
+    """``apply({"params": {"kernel": a}}, x)``: ``nnx.Conv`` ``module``'s convolution (strides, padding,
+    dilation) with kernel ``a`` and no bias."""
+
+    def __init__(self, module: nnx.Conv, fields: dict):
+        self.module, self.fields = module, fields
+
+    def apply(self, variables: dict, x: jax.Array) -> jax.Array:
+        m, kernel = self.module, variables["params"]["kernel"]
+        down = nnx.Conv(m.in_features, self.fields["features"], m.kernel_size, strides=m.strides, padding=m.padding,
+                        input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation, use_bias=False,
+                        dtype=self.fields.get("dtype"), param_dtype=kernel.dtype, precision=m.precision,
+                        kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+        down.kernel = nnx.Param(kernel)
+        return down(x)
 
 
 class _SideCaller:
@@ -97,7 +115,7 @@ def _replace_child(node: Any, key: Any, value: Any) -> None:
 def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | None = None,
               adapter_ids: jax.Array | None = None) -> nnx.Module:
     """``nnx.merge(graphdef, ...)`` of a LoRA parameter tree (from ``jlora.load(nnx_state, ...)``), with
-    every adapted ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` running its adapter unmerged.
+    every adapted ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` / ``Conv`` running its adapter unmerged.
 
     ``lora_dropout_key``: apply the adapter's ``lora_dropout`` (training, as PEFT in train mode).
     ``adapter_ids``: each example's adapter index for a tree holding several adapters (-1 = base).

@@ -211,6 +211,6 @@ def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
         return einsum_side
     if isinstance(module, (nn.Embed, nnx.Embed)):
         return embed_side
-    if isinstance(module, nn.Conv) and module.feature_group_count == 1:
+    if isinstance(module, (nn.Conv, nnx.Conv)) and module.feature_group_count == 1:
         return conv_side
     return None

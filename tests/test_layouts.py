@@ -413,3 +413,32 @@ def test_nnx_model_modules_to_save_on_a_tied_embedding():
     want = (new_table[ids] @ merged_proj["kernel"] + merged_proj["bias"]) @ base_table.T
     assert rel_err(jlora.nnx_model(graphdef, lp)(ids), want) <= 1e-5
     assert rel_err(want, (new_table[ids] @ merged_proj["kernel"] + merged_proj["bias"]) @ new_table.T) > 1e-2
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nnx_model_conv_side_path(use_dora):
+    """nnx.Conv runs its side path in nnx_model (strided, padded): the output equals the merged model's, no
+    warning, and no kernel-sized sum in the jaxpr (plain LoRA)."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding=((1, 1), (0, 2)), rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.conv(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"), Rule(r"head", "head/kernel", "o i -> i o")])
+    config = jlora.LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["conv", "head"])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(lambda p: jlora.nnx_model(graphdef, p)(x))(lp)
+    want = nnx.merge(graphdef, jlora.merge(lp))(x)
+    assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
+    if not use_dora:
+        eqns = jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr.eqns
+        assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 3, 3, 8), (8, 4)}
