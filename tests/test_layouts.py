@@ -430,7 +430,8 @@ def test_nnx_model_conv_side_path(use_dora):
             return self.head(self.conv(x))
 
     graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-    layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"), Rule(r"head", "head/kernel", "o i -> i o")])
+    layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"),
+                     Rule(r"head", "head/kernel", "o i -> i o")])
     config = jlora.LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
     lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["conv", "head"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
