@@ -25,6 +25,19 @@ sys.path.insert(0, str(HERE))
 from common import ROOT, machine, table  # noqa: E402
 
 SECTIONS = {"load": "bench_load", "infer": "bench_infer", "train": "bench_train"}
+# sections that bench_multi.py / bench_nnx.py append with --write: kept when this script rewrites the file
+APPENDED = ("### Multi-adapter mixed batch", "### NNX: ")
+
+
+def appended_sections(old: str) -> str:
+    """The blocks of ``old`` that other benchmark scripts appended (each from its heading to the next heading)."""
+    lines, keep, kept = old.splitlines(), False, []
+    for line in lines:
+        if line.startswith("#"):
+            keep = line.startswith(APPENDED)
+        if keep:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def run_section(name: str, quick: bool, cores: int | None = None, clock: str = "wall") -> dict:
@@ -142,7 +155,8 @@ def main() -> int:
     info["clock"] = args.clock
     text = render(results, info, args.quick, time.perf_counter() - t0)
     out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
-    out.write_text(text)
+    kept = appended_sections(out.read_text()) if out.exists() else ""
+    out.write_text(text + ("\n" + kept + "\n" if kept else ""))
     (args.json_out or out.with_suffix(".json")).write_text(json.dumps({"machine": info, "sections": results}, indent=1))
     print(text.split("## 1.")[0])
     print(f"wrote {out}")
