@@ -94,3 +94,18 @@ def peft_loads_cleanly(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Mod
     adapter_words = ("lora_", "modules_to_save", "token_adapter")
     assert not [k for k in result.missing_keys if any(w in k for w in adapter_words) and "base_layer" not in k]
     return pm.eval()
+
+
+def assert_saves_back(lora_params, adapter_dir: Path, out_dir: Path) -> None:
+    """``jlora.save`` of a loaded adapter writes PEFT's file again: the same keys, dtypes and bytes, and the
+    same adapter_config.json fields."""
+    import json
+
+    out = jlora.save(lora_params, out_dir)
+    want, got = load_file(adapter_dir / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert json.loads((out / "adapter_config.json").read_text()) == config
+

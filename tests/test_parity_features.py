@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import jlora
-from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
+from peft_twin import (assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err,
+                       torch_logits)
 from test_parity_models import gemma, gpt2, llama, opt
 
 TOL = 1e-4
@@ -55,6 +56,7 @@ def test_feature_parity(feature, tmp_path):
     assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
     merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
     assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= TOL
+    assert_saves_back(lora_params, twin.adapter_dir, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("make, lora", [

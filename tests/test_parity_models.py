@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 import jlora
-from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
+from peft_twin import assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
 
 TOL = 1e-4
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -99,7 +99,8 @@ def whisper():
 
 def whisper_inputs(cfg):
     rng = np.random.default_rng(0)
-    return {"input_features": rng.standard_normal((2, cfg.num_mel_bins, 2 * cfg.max_source_positions)).astype(np.float32),
+    frames = 2 * cfg.max_source_positions  # Whisper's two convs halve the frames to max_source_positions
+    return {"input_features": rng.standard_normal((2, cfg.num_mel_bins, frames)).astype(np.float32),
             "decoder_input_ids": rng.integers(3, cfg.vocab_size, size=(2, 5)).astype(np.int32)}
 
 
@@ -154,3 +155,5 @@ def test_architecture_parity(name, tmp_path):
     assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= TOL
     merged_want = torch_logits(twin.peft_model.merge_and_unload(), twin.inputs)
     assert rel_err(flax_logits_plain(twin, jlora.merge(lora_params)), merged_want) <= TOL
+    assert_saves_back(lora_params, twin.adapter_dir, tmp_path / "saved")
+
