@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import AdapterError
 from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec,
-                   is_adapted)
+                   is_adapted, keyed)
 
 
 def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
@@ -102,12 +102,6 @@ def tied_head_columns(keyed_leaves: list[tuple[tuple, Any]]) -> dict[int, jax.Ar
             columns = jnp.asarray(node.spec.token_indices, jnp.int32)
             out[i] = kernel.at[:, columns].set(node[TOKEN_DELTA].T.astype(kernel.dtype))
     return out
-
-
-def keyed(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
-    """``tree`` flattened to ``(plain key path, leaf)`` pairs (AdaptedModules as leaves) and its treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
-    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), leaf) for path, leaf in flat], treedef
 
 
 def plain_module(node: AdaptedModule) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from .merge import keyed, merged_module, plain_module, tied_head_columns
+from .merge import merged_module, plain_module, tied_head_columns
 from .side_paths import CallContext, side_path_for
-from .tree import AdaptedModule, ModuleSpec, adapted_modules, set_paths
+from .tree import AdaptedModule, ModuleSpec, is_adapted, keyed, set_paths
 from .wrap import lora_dropout, require_adapter_ids, side_entries
 
 
@@ -125,14 +125,13 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
         ...     logits = jlora.nnx_model(graphdef, jlora.combine(trainable, frozen), lora_dropout_key=key)(ids)
         ...     return xent(logits, ids)
     """
-    sites = dict(adapted_modules(lora_params))
-    require_adapter_ids(sites.values(), adapter_ids)
     pairs, treedef = keyed(lora_params)
-    leaves = [leaf for _, leaf in pairs]
+    sites = {path: node for path, node in pairs if is_adapted(node)}
+    require_adapter_ids(sites.values(), adapter_ids)
+    leaves = [plain_module(leaf) if is_adapted(leaf) else leaf for _, leaf in pairs]
     for i, kernel in tied_head_columns(pairs).items():  # trainable tokens tied to a copied head
         leaves[i] = kernel
-    plain = set_paths(jax.tree_util.tree_unflatten(treedef, leaves),
-                      {path: plain_module(node) for path, node in sites.items()})
+    plain = jax.tree_util.tree_unflatten(treedef, leaves)
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
     candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}

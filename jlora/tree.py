@@ -160,11 +160,16 @@ def is_adapted(x: Any) -> bool:
     return isinstance(x, AdaptedModule)
 
 
+def keyed(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+    """``tree`` flattened to ``(path, leaf)`` pairs, AdaptedModules as leaves and ``path`` the tuple of keys (list
+    indices) to the leaf, and its treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), leaf) for path, leaf in flat], treedef
+
+
 def adapted_modules(tree: Any) -> list[tuple[tuple, AdaptedModule]]:
     """``(path, node)`` for every AdaptedModule in ``tree``; ``path`` is the tuple of keys (list indices) to it."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
-    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), leaf) for path, leaf in flat
-            if is_adapted(leaf)]
+    return [(path, leaf) for path, leaf in keyed(tree)[0] if is_adapted(leaf)]
 
 
 def map_adapted(fn, tree: Any) -> Any:

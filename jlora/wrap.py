@@ -22,10 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .merge import keyed, merged_module, plain_module, tied_head_columns
+from .merge import merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
 from .side_paths import INPUT_TABLE, CallContext, side_path_for
-from .tree import BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted
+from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted,
+                   keyed)
 
 SITE_PREFIX = "__jlora_site_"
 
