@@ -1,8 +1,8 @@
 """Several adapters in one jitted call: each row of a batch runs its own adapter (or none).
 
 Makes three adapters for the bundled tiny Flax Llama (the bundled PEFT adapter plus two fresh,
-randomly initialised ones saved in PEFT's format), loads them together and runs one mixed batch,
-then checks every row against running that adapter alone. No torch needed:
+randomly initialised ones saved in PEFT's format, one with its own lm_head), loads them together and
+runs one mixed batch, then checks every row against running that adapter alone. No torch needed:
 
     pip install -e ".[demo]"
     python examples/multi_adapter.py
@@ -27,8 +27,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp())
     sources = {"bundled": ASSETS / "tiny-llama-lora"}
     for seed, (name, targets, rank) in enumerate([("attn", ["q_proj", "v_proj"], 4), ("mlp", ["up_proj"], 16)]):
-        config = jlora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+        # the "mlp" adapter also brings its own output head (modules_to_save), as a fine-tuned head would
+        config = jlora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False,
+                                  modules_to_save=["lm_head"] if name == "mlp" else None)
         fresh = jlora.init(model.params, config, key=jax.random.key(seed))
+        if name == "mlp":
+            fresh = {**fresh, "lm_head": fresh["lm_head"].replace(kernel=1.5 * fresh["lm_head"]["kernel"])}
         sources[name] = jlora.save(fresh, work / name)
 
     lora_params = jlora.load(model.params, sources)  # dict order = adapter index

@@ -109,7 +109,7 @@ def load(
                               layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                               device=device, sharding=sharding, pad_rank=pad_rank)
                    for name, src in source.items()}
-        return stack_adapters(params, singles)
+        return stack_adapters(params, singles, head_tied=get_layout(layout).bind(params).head_tied_to_embedding())
     config, tensors, weights_path = read_adapter(source, revision=revision, subfolder=subfolder, token=token,
                                                  cache_dir=cache_dir, allow_pickle=allow_pickle)
     return place(params, config, tensors, layout=layout, dtype=dtype, source=str(weights_path),

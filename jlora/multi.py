@@ -5,7 +5,8 @@ leading adapter axis (ranks zero-padded to the largest; a module an adapter does
 zeros for it), so that ``jlora.wrap(fn)(..., adapter_ids=ids)`` runs each example with its own adapter
 in one jitted call, gathering only (in, r) and (r, out) slices per example. A stacked kernel's
 leaves keep its layer axis where the kernel has it, so that a scan slices them to one layer's
-``(adapters, ...)``.
+``(adapters, ...)``. A module the adapters replace (``modules_to_save``, trainable tokens) keeps its base
+parameters and gets every adapter's copy as ``by_adapter_<key>`` along a leading adapter axis.
 
 Example:
     >>> lp = jlora.load(params, {"math": "user/math-lora", "code": "user/code-lora"})
@@ -28,26 +29,39 @@ import numpy as np
 from .config import LoraConfig
 from .errors import AdapterError
 from .targeting import module_scale
-from .tree import (LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec, adapted_modules,
-                   get_path, set_paths)
-
-_MULTI_UNSUPPORTED = ("dora", "replacement tensors (biases, modules_to_save, trainable tokens)",
-                      "an embedding whose tied output head shares its adapter (ensure_weight_tying)")
-
+from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
+                   FactorSource, ModuleSpec, adapted_modules, get_path, set_paths)
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
     """Whether the node changes a base tensor (PEFT also saves untouched embedding tables: those are fine)."""
     return any(child in node.spec.trainable or not np.array_equal(np.asarray(node[child]), np.asarray(base[child]))
-               for child, _ in node.spec.file_keys)
+               for child, _ in node.spec.file_keys if child != TOKEN_DELTA) or TOKEN_DELTA in node
 
 
-def _check_single(node: AdaptedModule, name: str, base: Mapping) -> None:
+# PEFT task types whose models have no language-model head (nothing reads the embedding table but the lookups)
+_TASKS_WITHOUT_LM_HEAD = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def _task_type(spec: ModuleSpec) -> str | None:
+    return json.loads(spec.config_json).get("task_type")
+
+
+def _check_single(node: AdaptedModule, name: str, base: Mapping, head_tied: bool) -> None:
     spec = node.spec
-    problems = [what for what, bad in zip(_MULTI_UNSUPPORTED, (
-        spec.dora, _replaces_base(node, base) or not spec.has_lora, spec.tied_copy)) if bad]
+    replaces = _replaces_base(node, base)
+    unsupported = {
+        "DoRA (PEFT's mixed batches refuse it too)": spec.dora,
+        "an embedding whose tied output head shares its adapter (ensure_weight_tying)": spec.tied_copy,
+        "tensors replaced beside LoRA factors in one module (bias='all'/'lora_only': PEFT shares one bias "
+        "between its adapters)": spec.has_lora and replaces,
+        "trainable tokens on an embedding that the output head may read too (the tree has no lm_head of its own, "
+        "or holds a copy of the table as its head): the head's columns would need each example's rows": TOKEN_DELTA in
+        node and (spec.token_head or head_tied and _task_type(spec) not in _TASKS_WITHOUT_LM_HEAD),
+    }
+    problems = [what for what, bad in unsupported.items() if bad]
     if problems:
         raise AdapterError(f"adapter {name!r}, module {spec.peft_name}: several adapters in one tree do not support "
-                           f"{', '.join(problems)}; load this adapter on its own")
+                           f"{'; '.join(problems)}. Load this adapter on its own")
 
 
 def _layers_first(x: Any, layer_axis: int | None) -> Any:
@@ -72,50 +86,89 @@ def _column_scales(node: AdaptedModule) -> np.ndarray:
     return np.broadcast_to(scale, (a.shape[0],) + (1,) * (a.ndim - 2) + (a.shape[-1],))
 
 
-def stack_adapters(params: Mapping, singles: Mapping[str, Any]) -> dict:
-    """One tree holding every single-adapter tree of ``singles`` (name -> tree), in dict order."""
+def stack_adapters(params: Mapping, singles: Mapping[str, Any], head_tied: bool = False) -> dict:
+    """One tree holding every single-adapter tree of ``singles`` (name -> tree), in dict order.
+    ``head_tied``: the model's output head reads the input embedding table (no head of its own in ``params``)."""
     names = list(singles)
     nodes: dict[tuple, dict[str, AdaptedModule]] = {}
     for name, tree in singles.items():
         for path, node in adapted_modules(tree):
-            _check_single(node, name, get_path(params, path))
+            _check_single(node, name, get_path(params, path), head_tied)
             nodes.setdefault(path, {})[name] = node
     updates = {}
     for path, by_name in nodes.items():
-        some = next(iter(by_name.values()))
-        layer_axis = some.spec.layer_axis
-        width = max(n[LORA_A].shape[-1] for n in by_name.values())
-        a_shape = _layers_first(some[LORA_A], layer_axis).shape[:-1]  # (layers, in...)
-        b_shape = _layers_first(some[LORA_B], layer_axis).shape  # (layers, r, out...)
-        a = np.zeros((a_shape[0], len(names), *a_shape[1:], width), np.float32)
-        b = np.zeros((b_shape[0], len(names), width, *b_shape[2:]), np.float32)
-        scale = np.zeros((a_shape[0], len(names)) + (1,) * (len(a_shape) - 1) + (width,), np.float32)
-        # lora_bias (simple modules only): zeros for adapters without one
-        bias = np.zeros((len(names), *b_shape[2:]), np.float32) if any(LORA_BIAS in n for n in by_name.values()) \
-            else None
-        entries = []
-        for i, name in enumerate(names):
-            node = by_name.get(name)
-            if node is None:
-                entries.append((name, None, 0))
-                continue
-            r = node[LORA_A].shape[-1]
-            a[:, i, ..., :r] = _layers_first(node[LORA_A], layer_axis)
-            b[:, i, :r] = _layers_first(node[LORA_B], layer_axis)
-            scale[:, i, ..., :r] = _column_scales(node)
-            if LORA_BIAS in node:
-                bias[i] = np.asarray(node[LORA_BIAS])
-            entries.append((name, node.spec, r))
-        dtype = some[LORA_A].dtype
-        children = {**get_path(params, path), LORA_A: jnp.asarray(_layers_back(a, layer_axis), dtype),
-                    LORA_B: jnp.asarray(_layers_back(b, layer_axis), dtype),
-                    RANK_SCALE: jnp.asarray(_layers_back(scale, layer_axis))}
-        if bias is not None:
-            children[LORA_BIAS] = jnp.asarray(bias, some[LORA_BIAS].dtype if LORA_BIAS in some else dtype)
-        spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
-                                   adapters=tuple(entries))
-        updates[path] = AdaptedModule(children, spec)
+        kinds = {name: "LoRA" if node.spec.has_lora else "replaced tensors" for name, node in by_name.items()}
+        if len(set(kinds.values())) > 1:
+            raise AdapterError(f"module {next(iter(by_name.values())).spec.peft_name}: some adapters put LoRA on it, "
+                               f"others replace its tensors ({kinds}); several adapters in one tree need one kind "
+                               "per module. Load them one at a time")
+        stack = _stack_lora if "LoRA" in kinds.values() else _stack_replacements
+        updates[path] = stack(get_path(params, path), names, by_name)
     return set_paths(params, updates)
+
+
+def _stack_lora(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedModule]) -> AdaptedModule:
+    """One module's LoRA factors of every adapter along an adapter axis (ranks zero-padded to the largest)."""
+    some = next(iter(by_name.values()))
+    layer_axis = some.spec.layer_axis
+    width = max(n[LORA_A].shape[-1] for n in by_name.values())
+    a_shape = _layers_first(some[LORA_A], layer_axis).shape[:-1]  # (layers, in...)
+    b_shape = _layers_first(some[LORA_B], layer_axis).shape  # (layers, r, out...)
+    a = np.zeros((a_shape[0], len(names), *a_shape[1:], width), np.float32)
+    b = np.zeros((b_shape[0], len(names), width, *b_shape[2:]), np.float32)
+    scale = np.zeros((a_shape[0], len(names)) + (1,) * (len(a_shape) - 1) + (width,), np.float32)
+    # lora_bias (simple modules only): zeros for adapters without one
+    bias = np.zeros((len(names), *b_shape[2:]), np.float32) if any(LORA_BIAS in n for n in by_name.values()) \
+        else None
+    entries = []
+    for i, name in enumerate(names):
+        node = by_name.get(name)
+        if node is None:
+            entries.append((name, None, 0))
+            continue
+        r = node[LORA_A].shape[-1]
+        a[:, i, ..., :r] = _layers_first(node[LORA_A], layer_axis)
+        b[:, i, :r] = _layers_first(node[LORA_B], layer_axis)
+        scale[:, i, ..., :r] = _column_scales(node)
+        if LORA_BIAS in node:
+            bias[i] = np.asarray(node[LORA_BIAS])
+        entries.append((name, node.spec, r))
+    dtype = some[LORA_A].dtype
+    children = {**base, LORA_A: jnp.asarray(_layers_back(a, layer_axis), dtype),
+                LORA_B: jnp.asarray(_layers_back(b, layer_axis), dtype),
+                RANK_SCALE: jnp.asarray(_layers_back(scale, layer_axis))}
+    if bias is not None:
+        children[LORA_BIAS] = jnp.asarray(bias, some[LORA_BIAS].dtype if LORA_BIAS in some else dtype)
+    spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
+                               adapters=tuple(entries))
+    return AdaptedModule(children, spec)
+
+
+def _stack_replacements(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedModule]) -> AdaptedModule:
+    """One module's replaced tensors (modules_to_save, trainable-token rows) of every adapter, along a leading
+    adapter axis: ``by_adapter_<key>`` for each of the module's own parameters (the base value for an adapter
+    that keeps it) and ``by_adapter_token_delta`` (rows zero-padded to the most indices; the indices stay in
+    each adapter's spec). The module's own parameters stay the base ones (``adapter_ids`` -1, tied heads)."""
+    some = next(iter(by_name.values()))
+    children: dict[str, Any] = dict(base)
+    for key, value in base.items():
+        children[BY_ADAPTER + key] = jnp.stack([
+            jnp.asarray(by_name[n][key] if n in by_name and key in dict(by_name[n].spec.file_keys) else value,
+                        value.dtype) for n in names])
+    with_tokens = [n for n in by_name.values() if TOKEN_DELTA in n]
+    if with_tokens:
+        rows = max(n[TOKEN_DELTA].shape[0] for n in with_tokens)
+        dim = with_tokens[0][TOKEN_DELTA].shape[1]
+        dtype = with_tokens[0][TOKEN_DELTA].dtype
+        children[BY_ADAPTER + TOKEN_DELTA] = jnp.stack([
+            jnp.pad(by_name[n][TOKEN_DELTA], ((0, rows - by_name[n][TOKEN_DELTA].shape[0]), (0, 0)))
+            if n in by_name and TOKEN_DELTA in by_name[n] else jnp.zeros((rows, dim), dtype) for n in names])
+    if any(BASE_TABLE in n for n in by_name.values()):
+        children[BASE_TABLE] = base["embedding"]
+    entries = tuple((n, by_name[n].spec if n in by_name else None, 0) for n in names)
+    spec = dataclasses.replace(some.spec, kind="none", token_indices=(), sources=(), file_keys=(), adapters=entries,
+                               trainable=tuple(sorted(k for k in children if k.startswith(BY_ADAPTER))))
+    return AdaptedModule(children, spec)
 
 
 def _index(spec: ModuleSpec, name: str) -> int:
@@ -138,6 +191,8 @@ def select(lora_params: Any, name: str) -> Any:
         _, spec, width = node.spec.adapters[i]
         if spec is None:
             return node.base_children()
+        if node.per_adapter_tensors:
+            return _select_replacements(node, i, spec)
         layer_axis = spec.layer_axis
         a, b, scales = (_layers_first(node[key], layer_axis)[:, i] for key in (LORA_A, LORA_B, RANK_SCALE))
         scales = scales[..., :width]
@@ -153,6 +208,17 @@ def select(lora_params: Any, name: str) -> Any:
         raise AdapterError("select: the tree holds a single adapter (load a dict of sources for several)")
     return jax.tree_util.tree_map(lambda x: one(x) if isinstance(x, AdaptedModule) else x, lora_params,
                                   is_leaf=lambda x: isinstance(x, AdaptedModule))
+
+
+def _select_replacements(node: AdaptedModule, i: int, spec: ModuleSpec) -> AdaptedModule:
+    """Adapter ``i``'s own node of a module whose tensors several adapters replace (see :func:`_stack_replacements`)."""
+    children = node.base_children()
+    for child, _ in spec.file_keys:
+        children[child] = node[BY_ADAPTER + child][i] if child != TOKEN_DELTA else \
+            node[BY_ADAPTER + TOKEN_DELTA][i, :len(spec.token_indices)]
+    if BASE_TABLE in node and "embedding" in dict(spec.file_keys):
+        children[BASE_TABLE] = node[BASE_TABLE]
+    return AdaptedModule(children, spec)
 
 
 def _max_rank(config: LoraConfig) -> int:
@@ -194,6 +260,11 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
         raise AdapterError("add_weighted does not support fused kernels (several PEFT modules in one kernel); "
                            "these modules are fused", fused)
     chosen = list(weights)
+    replaced = sorted(n.spec.peft_name for n in multi if n.per_adapter_tensors and
+                      any(spec is not None and name in chosen for name, spec, _ in n.spec.adapters))
+    if replaced:
+        raise AdapterError("add_weighted combines LoRA factors only; in these modules the chosen adapters replace "
+                           "tensors (modules_to_save, trainable tokens), which cannot be weighted", replaced)
     configs = {}
     for node in multi:
         for name, spec, _ in node.spec.adapters:
@@ -214,6 +285,8 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
         """One module, layer by layer for a stacked kernel (as PEFT combines each layer's module)."""
         if not node.spec.adapters:
             return node
+        if node.per_adapter_tensors:  # replaced by adapters that are not combined
+            return node.base_children()
         layer_axis = node.spec.layer_axis
         a_all, b_all, s_all = (np.asarray(_layers_first(node[k], layer_axis), np.float32)
                                for k in (LORA_A, LORA_B, RANK_SCALE))

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from .merge import merged_module, plain_module, tied_head_columns
-from .side_paths import CallContext, side_path_for
+from .side_paths import CallContext, side_for
 from .tree import AdaptedModule, ModuleSpec, is_adapted, keyed, set_paths
 from .wrap import lora_dropout, require_adapter_ids, side_entries
 
@@ -45,6 +45,11 @@ class _NnxModuleView:
     def get_variable(self, collection: str, name: str) -> jax.Array | None:
         variable = getattr(self.module, name, None)
         return None if variable is None else variable[...]
+
+    def apply_with(self, params: dict, x: jax.Array) -> jax.Array:
+        """The module's output for ``x`` with ``params`` in place of its own parameters."""
+        graphdef, state = nnx.split(self.module)
+        return nnx.merge(graphdef, {**nnx.to_pure_dict(state), **params})(x)
 
     def clone(self, **fields: Any) -> "_BiasFree | _ConvDown":
         """The module without bias (DoRA's base term on the dropped input), or, given ``features``, a
@@ -133,7 +138,7 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
         leaves[i] = kernel
     plain = jax.tree_util.tree_unflatten(treedef, leaves)
     probe = nnx.merge(graphdef, plain)  # the model itself unless some kernels must be merged
-    candidates = {path: side_path_for(_at(probe, path)) for path, node in sites.items()
+    candidates = {path: side_for(_at(probe, path), node.spec) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
     merged = [path for path, node in sites.items() if node.has_side_path and path not in side]

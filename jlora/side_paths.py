@@ -3,7 +3,8 @@
 Each side path gets the module, its input, the base output ``y`` (computed by the module itself)
 and the adapter entries; it never forms ``W + s * A @ B`` (DoRA's weight norm aside, as in PEFT).
 PEFT's precision: x is cast to the adapter's dtype, the LoRA term is added in that dtype, and the
-sum is cast back to ``y``'s dtype.
+sum is cast back to ``y``'s dtype. Mixed batches over modules that several adapters replace
+(``modules_to_save``, trainable tokens) run :func:`per_adapter_side` for any module class.
 
 Example:
     >>> side = side_path_for(nn.Dense(4))   # a function, or None for modules without one
@@ -19,10 +20,11 @@ import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .merge import dora_factor, factor_delta, part_masked_b, scaled_a, to_canonical
 from .errors import AdapterError
-from .tree import LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, ModuleSpec
+from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, ModuleSpec
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
@@ -126,13 +128,18 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
     return jnp.tensordot(_scale_columns(xa, entries), b, axes=1)
 
 
-def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tuple[jax.Array, jax.Array]:
-    """Each example's adapter index (clipped) and its (batch, r) column scales (zero for -1 = base)."""
+def _adapter_ids(ctx: CallContext, spec: ModuleSpec) -> jax.Array:
+    """Each example's adapter index, as int32 (-1 = base model)."""
     if ctx.adapter_ids is None:
         raise AdapterError(f"{spec.peft_name}: the tree holds several adapters "
                            f"({[name for name, *_ in spec.adapters]}); pass adapter_ids=... (one index per example, "
                            "-1 for the base model) to the wrapped function, or jlora.select one adapter")
-    ids = jnp.asarray(ctx.adapter_ids, jnp.int32)
+    return jnp.asarray(ctx.adapter_ids, jnp.int32)
+
+
+def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tuple[jax.Array, jax.Array]:
+    """Each example's adapter index (clipped) and its (batch, r) column scales (zero for -1 = base)."""
+    ids = _adapter_ids(ctx, spec)
     idx = jnp.clip(ids, 0, len(spec.adapters) - 1)
     scale = entries[RANK_SCALE][idx].reshape(ids.shape[0], -1) * (ids >= 0)[:, None]
     return idx, scale
@@ -190,6 +197,63 @@ def conv_side(module, args, kwargs, y, entries, spec, ctx):
     xa = down.apply({"params": {"kernel": a}}, x)
     lora = jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1)
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
+
+
+def per_adapter_side(module, args, kwargs, y, entries, spec, ctx):
+    """Several adapters replacing a module's tensors (modules_to_save, trainable tokens), as PEFT's mixed batches:
+    each example runs the module with its own adapter's tensors (an embedding looks its rows up in its adapter's
+    table; other modules run on per-example parameters, so each example holds a copy of them: meant for heads and
+    small modules); ``adapter_ids`` -1 keeps the base output ``y``."""
+    ids = _adapter_ids(ctx, spec)
+    idx = jnp.clip(ids, 0, len(spec.adapters) - 1)
+    x = _input(args, kwargs)
+    stacks = {k[len(BY_ADAPTER):]: v for k, v in entries.items()
+              if k.startswith(BY_ADAPTER) and k != BY_ADAPTER + TOKEN_DELTA}
+    for key, stack in stacks.items():
+        own = module.get_variable("params", key)
+        if own is None or tuple(stack.shape[1:]) != tuple(own.shape):
+            raise AdapterError(f"{spec.peft_name}: its adapters' {key!r} {list(stack.shape[1:])} does not fit the "
+                               f"module's {None if own is None else list(own.shape)} (inside a scan?); jlora.select "
+                               "one adapter")
+    out = y
+    if "embedding" in stacks:  # one table per adapter: a lookup of (adapter, token)
+        out = stacks["embedding"][idx.reshape(-1, *[1] * (x.ndim - 1)), x]
+    elif stacks:
+        per_example = {k: v[idx] for k, v in stacks.items()}
+        out = jax.vmap(lambda p, xb: _apply_with(module, p, xb[None])[0])(per_example, x)
+    if BY_ADAPTER + TOKEN_DELTA in entries:
+        out = _token_rows(out, x, idx, entries[BY_ADAPTER + TOKEN_DELTA], spec)
+    keep = (ids >= 0).reshape(-1, *[1] * (out.ndim - 1))
+    return jnp.where(keep, out.astype(y.dtype), y)
+
+
+def _apply_with(module, params: dict, x: jax.Array) -> jax.Array:
+    """``module`` run on ``x`` with ``params`` in place of its own (linen, or NNX through its view)."""
+    if isinstance(module, nn.Module):
+        return module.clone(parent=None).apply({"params": params}, x)
+    return module.apply_with(params, x)
+
+
+def _token_rows(out: jax.Array, ids: jax.Array, idx: jax.Array, deltas: jax.Array, spec: ModuleSpec) -> jax.Array:
+    """Trainable tokens per example: the rows of ``out`` (embedding lookups of ``ids``) whose token is one of the
+    example's adapter's indices take that adapter's delta row (PEFT: the rows replace the table's)."""
+    indices = np.full((len(spec.adapters), deltas.shape[1]), -1, np.int32)  # -1: padding, matches no token
+    for i, (_, own, _) in enumerate(spec.adapters):
+        if own is not None:
+            indices[i, :len(own.token_indices)] = own.token_indices
+    mine = jnp.asarray(indices)[idx].reshape(-1, *[1] * (ids.ndim - 1), deltas.shape[1])  # (batch, 1.., K)
+    match = ids[..., None] == mine
+    row = jnp.argmax(match, axis=-1)  # (batch, tokens...)
+    rows = jnp.take_along_axis(deltas[idx], row.reshape(row.shape[0], -1, 1), axis=1).reshape(*row.shape, -1)
+    return jnp.where(match.any(-1)[..., None], rows.astype(out.dtype), out)
+
+
+def side_for(module: nn.Module | nnx.Module, spec: ModuleSpec) -> SidePath | None:
+    """The side path of an adapted module: :func:`per_adapter_side` for several adapters' replaced tensors (any
+    module class), else the module class's (:func:`side_path_for`)."""
+    if spec.adapters and not spec.has_lora:
+        return per_adapter_side
+    return side_path_for(module)
 
 
 def _single_adapter_only(spec: ModuleSpec, what: str) -> None:

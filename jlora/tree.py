@@ -27,6 +27,15 @@ RANK_SCALE = "lora_scale"
 # (PEFT's modules_to_save copies the embedding module; the tied head still holds the original weight)
 BASE_TABLE = "base_table"
 ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE)
+# several adapters that replace a module's tensors (modules_to_save, trainable tokens): ``by_adapter_<key>``
+# holds every adapter's value of the module's ``<key>`` along a leading adapter axis (base values for an adapter
+# that leaves it alone), and ``by_adapter_token_delta`` their trainable-token rows
+BY_ADAPTER = "by_adapter_"
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a module child is an adapter tensor rather than one of the module's own parameters."""
+    return key in ADAPTER_KEYS or isinstance(key, str) and key.startswith(BY_ADAPTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +130,18 @@ class AdaptedModule(Mapping):
 
     @property
     def has_side_path(self) -> bool:
-        """Whether running it unmerged needs a side path: LoRA factors, or lookups in a replaced embedding
-        table whose tied output head keeps the base table (``BASE_TABLE``)."""
-        return self.spec.has_lora or BASE_TABLE in self._children
+        """Whether running it unmerged needs a side path: LoRA factors, lookups in a replaced embedding
+        table whose tied output head keeps the base table (``BASE_TABLE``), or per-adapter replaced tensors."""
+        return self.spec.has_lora or BASE_TABLE in self._children or self.per_adapter_tensors
+
+    @property
+    def per_adapter_tensors(self) -> bool:
+        """Whether several adapters replace this module's tensors (``by_adapter_*`` children, mixed batches)."""
+        return any(k.startswith(BY_ADAPTER) for k in self._children)
 
     def base_children(self) -> dict[str, Any]:
         """The module's own parameters (adapter tensors left out)."""
-        return {k: v for k, v in self._children.items() if k not in ADAPTER_KEYS}
+        return {k: v for k, v in self._children.items() if not is_adapter_key(k)}
 
     def __repr__(self) -> str:
         shapes = {k: getattr(v, "shape", v) for k, v in self._children.items()}

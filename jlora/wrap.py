@@ -24,15 +24,17 @@ import jax.numpy as jnp
 
 from .merge import merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
-from .side_paths import INPUT_TABLE, CallContext, side_path_for
-from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted,
-                   keyed)
+from .side_paths import INPUT_TABLE, CallContext, side_for
+from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule,
+                   ModuleSpec, is_adapted, keyed)
 
 SITE_PREFIX = "__jlora_site_"
 
 
 def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
     """What the module's side path reads: its adapter tensors (or a replaced table, see ``BASE_TABLE``)."""
+    if node.per_adapter_tensors:
+        return {k: v for k, v in node.items() if k.startswith(BY_ADAPTER)}
     if BASE_TABLE in node:
         return {INPUT_TABLE: node["embedding"]}
     return {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
@@ -69,7 +71,7 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         site = _site_of(context.module)
-        side = side_path_for(context.module) if site is not None else None
+        side = side_for(context.module, specs[site[0]]) if site is not None else None
         if side is None:
             return next_fun(*args, **kwargs)
         index, entries = site

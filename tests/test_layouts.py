@@ -443,3 +443,43 @@ def test_nnx_model_conv_side_path(use_dora):
     if not use_dora:
         eqns = jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr.eqns
         assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 3, 3, 8), (8, 4)}
+
+
+def test_nnx_model_mixed_batch_with_replaced_modules(tmp_path):
+    """nnx_model with adapters that replace a Linear (modules_to_save) and embedding rows (trainable tokens):
+    each row equals its adapter alone, -1 rows the base model."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(16, 8, rngs=rngs)
+            self.proj = nnx.Linear(8, 8, rngs=rngs)
+            self.lm_head = nnx.Linear(8, 5, rngs=rngs)  # its own head: the table is read by lookups only
+
+        def __call__(self, ids):
+            return self.lm_head(jnp.tanh(self.proj(self.embed(ids))))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"proj", "proj/kernel", "o i -> i o"), Rule(r"lm_head", "lm_head/kernel", "o i -> i o"),
+                     Rule(r"embed", "embed/embedding", "v d -> v d")])
+    configs = {"x": jlora.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["lm_head"],
+                                     trainable_token_indices={"embed": [1, 4]}, init_lora_weights=False),
+               "y": jlora.LoraConfig(r=3, target_modules=["proj"], trainable_token_indices={"embed": [4, 9, 2]},
+                                     init_lora_weights=False)}
+    sources = {}
+    for seed, (name, config) in enumerate(configs.items()):
+        lp = jlora.init(state, config, key=jax.random.key(seed), layout=layout,
+                        module_names=["embed", "proj", "lm_head"])
+        lp = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(seed + 7), v.shape, v.dtype)
+                                    if v.ndim else v, lp)  # every tensor moves: replaced ones differ from the base
+        sources[name] = jlora.save(lp, tmp_path / name)
+    lp = jlora.load(state, sources, layout=layout)
+    ids = jnp.array([[1, 4, 9, 3], [2, 4, 1, 0], [9, 9, 1, 4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(ids))(lp, jnp.array([1, -1, 0]))
+    base = nnx.merge(graphdef, state)(ids)
+    for row, name in ((0, "y"), (2, "x")):
+        alone = jlora.nnx_model(graphdef, jlora.load(state, sources[name], layout=layout))(ids)
+        assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
+    assert rel_err(got[1], base[1]) <= 1e-6

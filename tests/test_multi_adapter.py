@@ -164,3 +164,131 @@ def test_add_weighted_matches_peft(setup, tmp_path, method, names, weights):
     out = jlora.save(blend, tmp_path / "blend")  # and PEFT reads the combination back
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     assert rel_err(got, torch_out(again)) <= 1e-4
+
+
+def _peft_family(tmp, base, loras: dict, seed: int) -> peft.PeftModel:
+    """Each adapter of ``loras`` saved under ``tmp / name`` (random non-zero tensors), and one PeftModel holding all."""
+    for i, (name, lora) in enumerate(loras.items()):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+        perturb_trainable(pm, seed + i)
+        pm.save_pretrained(tmp / name)
+    names = list(loras)
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        judge.load_adapter(tmp / name, adapter_name=name)
+    return judge.eval()
+
+
+def _assert_select_gives_back(flax_params, lp, sources: dict) -> None:
+    for name, source in sources.items():
+        alone, picked = jlora.load(flax_params, source), jlora.select(lp, name)
+        assert jax.tree_util.tree_structure(picked) == jax.tree_util.tree_structure(alone)
+        for x, y in zip(jax.tree_util.tree_leaves(picked), jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_array_equal(x, y)
+
+
+CLASSIFIERS = {  # SEQ_CLS: PEFT also saves each adapter's classifier (modules_to_save)
+    "trainable_tokens": {
+        "a": dict(r=4, lora_alpha=8, target_modules=["query", "value"], trainable_token_indices=[3, 5]),
+        "b": dict(r=2, lora_alpha=4, target_modules=["key", "dense"], trainable_token_indices=[7, 3, 60])},
+    "saved_embedding": {
+        "a": dict(r=3, lora_alpha=3, target_modules=["query"], modules_to_save=["word_embeddings"]),
+        "b": dict(r=2, lora_alpha=5, target_modules=["value"], modules_to_save=["word_embeddings"])},
+}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert")
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, num_labels=3)
+    torch.manual_seed(0)
+    base = tf.BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(tmp / "base")
+    return base, tf.FlaxBertForSequenceClassification.from_pretrained(tmp / "base", from_pt=True)
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_mixed_batch_of_classifiers_matches_peft(bert, tmp_path, kind):
+    """Classification adapters in one mixed batch: each example runs its adapter's LoRA, classifier (PEFT's
+    modules_to_save) and trainable tokens or embedding table, as PEFT's adapter_names; select gives back
+    each adapter; add_weighted refuses replaced tensors."""
+    base, flax_model = bert
+    loras = {name: {**lora, "task_type": "SEQ_CLS"} for name, lora in CLASSIFIERS[kind].items()}
+    judge = _peft_family(tmp_path, base, loras, seed=30)
+    sources = {name: tmp_path / name for name in loras}
+    lp = jlora.load(flax_model.params, sources)
+    assert lp["classifier"]["by_adapter_kernel"].shape == (2, 32, 3)
+    fwd = jax.jit(jlora.wrap(flax_model.__call__))
+    for names in (["b", "a", "__base__", "b"], ["__base__", "b", "a", "a"]):
+        with torch.no_grad():
+            want = judge(input_ids=torch.as_tensor(IDS).long(), adapter_names=names).logits.numpy()
+        ids = jnp.array([list(loras).index(n) if n in loras else -1 for n in names])
+        got = fwd(IDS, params=lp, adapter_ids=ids).logits
+        assert rel_err(got, want) <= 1e-4
+    for row, name in enumerate(["b", "a"]):  # the rows differ between adapters, and from the base model
+        alone = fwd(IDS, params=jlora.load(flax_model.params, sources[name])).logits
+        assert rel_err(got[row + 1], alone[row + 1]) <= 1e-5
+    assert rel_err(got[1:3], flax_model(IDS).logits[1:3]) > 1e-2
+    _assert_select_gives_back(flax_model.params, lp, sources)
+    with pytest.raises(jlora.AdapterError, match="replace tensors") as err:
+        jlora.add_weighted(lp, {"a": 0.5, "b": 0.5})
+    assert "classifier" in err.value.problems
+
+
+def test_mixed_batch_where_one_adapter_keeps_the_module(setup, tmp_path):
+    """A module only some adapters replace (lm_head in modules_to_save, trainable tokens): the others run the
+    base module there, so each row equals its adapter alone (PEFT's mixed batches fail with a KeyError here)."""
+    tmp, base, _, flax_model = setup
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        init_lora_weights=False, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+        trainable_token_indices=[1, 8, 33]))
+    perturb_trainable(pm, 40)
+    pm.save_pretrained(tmp_path / "x")
+    sources = {"x": tmp_path / "x", "a": tmp / "a"}
+    lp = jlora.load(flax_model.params, sources)
+    fwd = jax.jit(jlora.wrap(flax_model.__call__))
+    got = np.asarray(fwd(IDS, params=lp, adapter_ids=jnp.array([0, 1, -1, 0])).logits)
+    for rows, name in (([0, 3], "x"), ([1], "a")):
+        alone = np.asarray(fwd(IDS, params=jlora.load(flax_model.params, sources[name])).logits)
+        assert rel_err(got[rows], alone[rows]) <= 1e-5
+    assert rel_err(got[2], flax_model(IDS, params=flax_model.params).logits[2]) <= 1e-6
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x").eval()
+    assert rel_err(got[[0, 3]], torch_out(judge)[[0, 3]]) <= 1e-4
+    _assert_select_gives_back(flax_model.params, lp, sources)
+
+
+def test_mixed_batch_with_saved_tied_embedding_matches_peft(tmp_path):
+    """GPT-2 ties its output head to wte: adapters that save their own wte (modules_to_save) look tokens up in
+    their table while the head keeps the base one, as in PEFT; trainable tokens there are refused (the tied head
+    would need each example's rows)."""
+    from test_parity_models import gpt2
+
+    torch_cls, flax_cls, cfg = gpt2()
+    torch.manual_seed(0)
+    base = torch_cls(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    flax_model = flax_cls.from_pretrained(tmp_path / "base", from_pt=True)
+    loras = {"a": dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte"], fan_in_fan_out=True),
+             "b": dict(r=2, lora_alpha=8, target_modules=["c_fc"], modules_to_save=["wte"], fan_in_fan_out=True)}
+    judge = _peft_family(tmp_path, base, loras, seed=50)
+    names = ["a", "__base__", "b", "b"]
+    with torch.no_grad():
+        want = judge(input_ids=torch.as_tensor(IDS).long(), adapter_names=names).logits.numpy()
+    lp = jlora.load(flax_model.params, {name: tmp_path / name for name in loras})
+    got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=jnp.array([0, -1, 1, 1])).logits
+    assert rel_err(got, want) <= 1e-4
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True,
+                                                                  trainable_token_indices=[3]))
+    pm.save_pretrained(tmp_path / "tokens")
+    with pytest.raises(jlora.AdapterError, match="trainable tokens on an embedding that the output head may read"):
+        jlora.load(flax_model.params, {"a": tmp_path / "a", "tokens": tmp_path / "tokens"})
+
+
+def test_mixed_batch_refuses_lora_and_replacement_on_one_module(setup, tmp_path):
+    tmp, base, _, flax_model = setup
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  modules_to_save=["embed_tokens"]))
+    pm.save_pretrained(tmp_path / "saved")  # adapter b puts LoRA on embed_tokens
+    with pytest.raises(jlora.AdapterError, match="some adapters put LoRA on it, others replace its tensors"):
+        jlora.load(flax_model.params, {"b": tmp / "b", "saved": tmp_path / "saved"})
