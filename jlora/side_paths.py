@@ -111,12 +111,7 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
                                "batches need the layers sliced (nn.scan), one adapter can run with jlora.select")
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
-        xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
-        lora = jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
-        if LORA_BIAS in entries:  # each example's lora_B bias, times its adapter's scale (column 0: any real column)
-            bias = entries[LORA_BIAS][idx] * scale[:, :1]
-            lora = lora + bias.reshape(bias.shape[0], *([1] * (lora.ndim - bias.ndim)), *bias.shape[1:])
-        return lora
+        return _example_up(xa, entries, idx, scale)
     b = _b(entries, spec)
     n_in = len(x_axes)
     if x_axes == tuple(range(x.ndim - n_in, x.ndim)):  # trailing axes: plain 2-D matmuls (faster on XLA:CPU,
@@ -126,6 +121,17 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
         return lora.reshape(*lead, *b.shape[1:])
     xa = jax.lax.dot_general(x, a, ((x_axes, in_axes), ((), ())))
     return jnp.tensordot(_scale_columns(xa, entries), b, axes=1)
+
+
+def _example_up(xa: jax.Array, entries: dict, idx: jax.Array, scale: jax.Array) -> jax.Array:
+    """Mixed batches: each example's ``x @ A`` (batch, ..., r) times its adapter's column scales, contracted with
+    its adapter's ``lora_B`` (gathered (r, out) slices), plus its ``lora_B`` bias."""
+    xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
+    lora = jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
+    if LORA_BIAS in entries:  # each example's lora_B bias, times its adapter's scale (column 0: any real column)
+        bias = entries[LORA_BIAS][idx] * scale[:, :1]
+        lora = lora + bias.reshape(bias.shape[0], *([1] * (lora.ndim - bias.ndim)), *bias.shape[1:])
+    return lora
 
 
 def _adapter_ids(ctx: CallContext, spec: ModuleSpec) -> jax.Array:
@@ -190,10 +196,13 @@ def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout
 
 
 def conv_side(module, args, kwargs, y, entries, spec, ctx):
-    _single_adapter_only(spec, "Conv")
     x = ctx.lora_input(_input(args, kwargs), entries)
     a = entries[LORA_A]
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
+    if spec.adapters:  # each example convolved with its adapter's (kernel..., in, r) slice
+        idx, scale = _example_adapters(entries, ctx, spec)
+        xa = jax.vmap(lambda kernel, xb: down.apply({"params": {"kernel": kernel}}, xb[None])[0])(a[idx], x)
+        return _finish(module, y, _example_up(xa, entries, idx, scale), entries, spec)
     xa = down.apply({"params": {"kernel": a}}, x)
     lora = jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1)
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))

@@ -483,3 +483,34 @@ def test_nnx_model_mixed_batch_with_replaced_modules(tmp_path):
         alone = jlora.nnx_model(graphdef, jlora.load(state, sources[name], layout=layout))(ids)
         assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
     assert rel_err(got[1], base[1]) <= 1e-6
+
+
+def test_nnx_model_mixed_batch_on_a_conv(tmp_path):
+    """Two adapters of different ranks on an nnx.Conv and a Linear, one mixed batch: each row equals its
+    adapter alone, the -1 row the base model."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding=((1, 1), (0, 2)), rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.conv(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"),
+                     Rule(r"head", "head/kernel", "o i -> i o")])
+    sources = {}
+    for seed, rank in enumerate((2, 3)):
+        config = jlora.LoraConfig(r=rank, target_modules=["conv", "head"], init_lora_weights=False)
+        lp = jlora.init(state, config, key=jax.random.key(seed), layout=layout, module_names=["conv", "head"])
+        sources[f"r{rank}"] = jlora.save(lp, tmp_path / f"r{rank}")
+    lp = jlora.load(state, sources, layout=layout)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 9, 9, 3)), jnp.float32)
+    got = jax.jit(lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(x))(lp, jnp.array([1, -1, 0]))
+    base = nnx.merge(graphdef, state)(x)
+    for row, name in ((0, "r3"), (2, "r2")):
+        alone = jlora.nnx_model(graphdef, jlora.load(state, sources[name], layout=layout))(x)
+        assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
+    assert rel_err(got[1], base[1]) <= 1e-6

@@ -292,3 +292,27 @@ def test_mixed_batch_refuses_lora_and_replacement_on_one_module(setup, tmp_path)
     pm.save_pretrained(tmp_path / "saved")  # adapter b puts LoRA on embed_tokens
     with pytest.raises(jlora.AdapterError, match="some adapters put LoRA on it, others replace its tensors"):
         jlora.load(flax_model.params, {"b": tmp / "b", "saved": tmp_path / "saved"})
+
+
+def test_mixed_batch_on_convolutions_matches_peft(tmp_path):
+    """ViT adapters on the patch convolution (different ranks), attention and their own classifiers: each image
+    runs its adapter's conv (per-example (kh, kw, in, r) slices), as PEFT's adapter_names."""
+    cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+    torch.manual_seed(0)
+    base = tf.ViTForImageClassification(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    flax_model = tf.FlaxViTForImageClassification.from_pretrained(tmp_path / "base", from_pt=True)
+    loras = {"a": dict(r=4, lora_alpha=8, target_modules=["projection", "query"], modules_to_save=["classifier"]),
+             "b": dict(r=2, lora_alpha=6, target_modules=["projection", "value"], modules_to_save=["classifier"],
+                       lora_bias=True)}
+    judge = _peft_family(tmp_path, base, loras, seed=60)
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    names = ["b", "__base__", "a"]
+    with torch.no_grad():
+        want = judge(pixel_values=torch.as_tensor(pixels), adapter_names=names).logits.numpy()
+    lp = jlora.load(flax_model.params, {name: tmp_path / name for name in loras})
+    got = jax.jit(jlora.wrap(flax_model.__call__))(pixels, params=lp, adapter_ids=jnp.array([1, -1, 0])).logits
+    assert rel_err(got, want) <= 1e-4
+    with torch.no_grad():
+        assert rel_err(np.asarray(got)[[0, 2]], base(pixel_values=torch.as_tensor(pixels)).logits.numpy()[[0, 2]]) > 1e-2
