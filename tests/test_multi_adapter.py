@@ -316,3 +316,23 @@ def test_mixed_batch_on_convolutions_matches_peft(tmp_path):
     assert rel_err(got, want) <= 1e-4
     with torch.no_grad():
         assert rel_err(np.asarray(got)[[0, 2]], base(pixel_values=torch.as_tensor(pixels)).logits.numpy()[[0, 2]]) > 1e-2
+
+
+def test_generate_with_mixed_adapters_matches_peft(setup):
+    """Greedy generation (transformers' Flax generate, KV cache) through jlora.wrap, one adapter per row: the
+    tokens PEFT's generate(adapter_names=...) produces."""
+    tmp, _, judge, flax_model = setup
+    prompt = IDS[:, :4]
+    names = ["c", "__base__", "a", "b"]
+    with torch.no_grad():
+        want = judge.generate(input_ids=torch.as_tensor(prompt).long(), attention_mask=torch.ones(prompt.shape),
+                              max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              adapter_names=names).numpy()
+    lp = jlora.load(flax_model.params, {name: tmp / name for name in ADAPTERS})
+    generate = jlora.wrap(flax_model.generate)
+    got = generate(prompt, params=lp, adapter_ids=jnp.array([2, -1, 0, 1]), max_new_tokens=6, do_sample=False,
+                   eos_token_id=None, pad_token_id=0).sequences
+    np.testing.assert_array_equal(np.asarray(got), want)
+    base = flax_model.generate(prompt, params=flax_model.params, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=0).sequences
+    assert (np.asarray(base)[[0, 2, 3], 4:] != want[[0, 2, 3], 4:]).any()  # the adapters change the tokens
