@@ -166,7 +166,6 @@ def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
 
 
 def einsum_side(module, args, kwargs, y, entries, spec, ctx):
-    _single_adapter_only(spec, "Einsum")
     x = ctx.lora_input(_input(args, kwargs), entries)
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
     spec_str = (einsum_str or module.einsum_str).replace(" ", "")
@@ -176,6 +175,18 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
     outs = [c for c in k_sub if c not in ins]
     r = next(c for c in string.ascii_letters if c not in spec_str)
     x_rest = "".join(c for c in x_sub if c not in ins)
+    if spec.adapters:  # each example's (ins..., r) and (r, outs...) slices; the batch is x's first axis
+        batch = x_sub[0]
+        if not batch.isalpha() or batch in k_sub or batch not in out or LORA_BIAS in entries:
+            raise AdapterError(f"{spec.peft_name}: mixed-adapter batches on an Einsum need the batch as x's first "
+                               f"axis, kept in the output and not in the kernel ({spec_str!r}), and no lora_bias; "
+                               "jlora.select one adapter")
+        idx, scale = _example_adapters(entries, ctx, spec)
+        xa = jnp.einsum(f"{x_sub},{batch}{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A][idx])
+        at = x_rest.index(batch)
+        xa = xa * scale.reshape(*[1] * at, -1, *[1] * (len(x_rest) - at - 1), scale.shape[-1])
+        lora = jnp.einsum(f"{x_rest}{r},{batch}{r}{''.join(outs)}->{out}", xa, entries[LORA_B][idx])
+        return _finish(module, y, lora, entries, spec)
     xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A])
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str))
@@ -263,12 +274,6 @@ def side_for(module: nn.Module | nnx.Module, spec: ModuleSpec) -> SidePath | Non
     if spec.adapters and not spec.has_lora:
         return per_adapter_side
     return side_path_for(module)
-
-
-def _single_adapter_only(spec: ModuleSpec, what: str) -> None:
-    if spec.adapters:
-        raise AdapterError(f"{spec.peft_name}: mixed-adapter batches are not supported on {what} modules; "
-                           "jlora.select one adapter")
 
 
 def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:

@@ -336,3 +336,47 @@ def test_generate_with_mixed_adapters_matches_peft(setup):
     base = flax_model.generate(prompt, params=flax_model.params, max_new_tokens=6, do_sample=False, eos_token_id=None,
                                pad_token_id=0).sequences
     assert (np.asarray(base)[[0, 2, 3], 4:] != want[[0, 2, 3], 4:]).any()  # the adapters change the tokens
+
+
+def test_gradients_of_a_mixed_batch_are_each_adapters_own(setup, tmp_path):
+    """Training several adapters in one batch: the gradient of a mixed batch's loss reaches each adapter's
+    factors (and its lm_head copy and token rows) exactly as the loss of its own rows does when that adapter
+    runs alone; padding columns get none."""
+    tmp, base, _, flax_model = setup
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        init_lora_weights=False, r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"],
+        trainable_token_indices=[1, 8, 33]))
+    perturb_trainable(pm, 70)
+    pm.save_pretrained(tmp_path / "x")
+    sources = {"a": tmp / "a", "x": tmp_path / "x", "c": tmp / "c"}
+    fwd = jlora.wrap(flax_model.__call__)
+    ids, rows = jnp.array([2, -1, 0, 1]), {"c": [0], "a": [2], "x": [3]}
+
+    def loss(trainable, frozen, adapter_rows, **kw):
+        logits = fwd(IDS, params=jlora.combine(trainable, frozen), **kw).logits
+        return jnp.sum(jnp.tanh(logits[adapter_rows]))
+
+    lp = jlora.load(flax_model.params, sources)
+    mixed = jax.grad(loss)(*jlora.split(lp), jnp.array([0, 2, 3]), adapter_ids=ids)
+    compared = 0
+    for index, name in enumerate(sources):
+        alone_lp = jlora.load(flax_model.params, sources[name])
+        alone = jax.grad(loss)(*jlora.split(alone_lp), jnp.array(rows[name]))
+        for path, node in jlora.tree.adapted_modules(alone):
+            grads = jlora.tree.get_path(mixed, path)
+            for key, g in node.items():
+                if g is None or key == "lora_scale":
+                    continue
+                if key in ("lora_A", "lora_B"):
+                    got = grads[key][index]
+                    r = g.shape[-1] if key == "lora_A" else g.shape[0]
+                    got = got[..., :r] if key == "lora_A" else got[:r]
+                elif key == "token_delta":
+                    got = grads["by_adapter_token_delta"][index, :g.shape[0]]
+                else:
+                    got = grads["by_adapter_" + key][index]
+                np.testing.assert_allclose(got, g, rtol=2e-4, atol=1e-6)
+                compared += 1
+    assert compared >= 20
+    q = mixed["model"]["layers"]["1"]["self_attn"]["q_proj"]["lora_A"]  # c has rank 3 there, x rank 3, a rank 4
+    assert q.shape[-1] == 4 and float(jnp.abs(q[2, :, 3]).max()) == 0.0  # c's padding column: no gradient

@@ -112,3 +112,35 @@ def test_side_path_does_not_form_merged_kernel(setup):
 def test_wrap_without_adapter_is_identity(setup):
     x, params, _, _ = setup
     np.testing.assert_array_equal(jlora.wrap(Net().apply)({"params": params}, x), Net().apply({"params": params}, x))
+
+
+class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (B, T, 8)
+        h = nn.DenseGeneral(features=(2, 4), name="dg")(x)  # kernel (8, 2, 4)
+        h = nn.Einsum((2, 8, 4), "btd,ndh->btnh", name="es")(h.reshape(h.shape[:-2] + (8,)))  # kernel (N, D, H)
+        return nn.Dense(3, name="out")(jnp.tanh(h.reshape(h.shape[:-2] + (8,))))
+
+
+def test_mixed_batch_on_einsum_and_dense_general(tmp_path):
+    """Two adapters of different ranks on DenseGeneral, Einsum and Dense kernels, one mixed batch: each row
+    equals its adapter alone, the -1 row the base model."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+    params = Mixed().init(jax.random.key(0), x)["params"]
+    layout = jlora.Layout([jlora.Rule(r"dg", "dg/kernel", "(n h) i -> i n h", n=2),
+                           jlora.Rule(r"es", "es/kernel", "(n h) d -> n d h", n=2),
+                           jlora.Rule(r"out", "out/kernel", "o i -> i o")])
+    sources = {}
+    for seed, (rank, targets) in enumerate([(2, ["dg", "es", "out"]), (3, ["es", "out"])]):
+        config = jlora.LoraConfig(r=rank, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        lp = jlora.init(params, config, key=jax.random.key(seed), layout=layout, module_names=["dg", "es", "out"])
+        sources[f"r{rank}"] = jlora.save(lp, tmp_path / f"r{rank}")
+    lp = jlora.load(params, sources, layout=layout)
+    fwd = jax.jit(jlora.wrap(Mixed().apply))
+    got = np.asarray(fwd({"params": lp}, x, adapter_ids=jnp.array([1, -1, 0])))
+    base = np.asarray(Mixed().apply({"params": params}, x))
+    for row, name in ((0, "r3"), (2, "r2")):
+        alone = np.asarray(fwd({"params": jlora.load(params, sources[name], layout=layout)}, x))
+        np.testing.assert_allclose(got[row], alone[row], rtol=1e-5, atol=1e-6)
+        assert np.max(np.abs(alone[row] - base[row])) > 1e-2
+    np.testing.assert_allclose(got[1], base[1], rtol=1e-6, atol=1e-7)
