@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import LoraConfig
 from .errors import AdapterError
@@ -134,14 +135,33 @@ def _stack_lora(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedMo
             bias[i] = np.asarray(node[LORA_BIAS])
         entries.append((name, node.spec, r))
     dtype = some[LORA_A].dtype
-    children = {**base, LORA_A: jnp.asarray(_layers_back(a, layer_axis), dtype),
-                LORA_B: jnp.asarray(_layers_back(b, layer_axis), dtype),
-                RANK_SCALE: jnp.asarray(_layers_back(scale, layer_axis))}
+    children = {**base, LORA_A: _placed_like(_layers_back(a, layer_axis).astype(dtype), some[LORA_A], layer_axis),
+                LORA_B: _placed_like(_layers_back(b, layer_axis).astype(dtype), some[LORA_B], layer_axis),
+                RANK_SCALE: _placed_like(_layers_back(scale, layer_axis), some[LORA_A], None, replicated=True)}
     if bias is not None:
-        children[LORA_BIAS] = jnp.asarray(bias, some[LORA_BIAS].dtype if LORA_BIAS in some else dtype)
+        with_bias = next(n for n in by_name.values() if LORA_BIAS in n)[LORA_BIAS]
+        children[LORA_BIAS] = _placed_like(bias.astype(with_bias.dtype), with_bias, None)
     spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
                                adapters=tuple(entries))
     return AdaptedModule(children, spec)
+
+
+def _placed_like(stack: np.ndarray, leaf: Any, layer_axis: int | None, replicated: bool = False) -> jax.Array:
+    """``stack`` (adapters' copies of a leaf like ``leaf``, stacked as :func:`_stack_lora` does) on ``leaf``'s
+    devices: a named sharding keeps each of ``leaf``'s axes sharded as it was, the adapter axis replicated
+    (everything replicated with ``replicated``)."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return jax.device_put(stack, sharding) if sharding is not None else jnp.asarray(stack)
+    axes = list(tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec)))
+    if layer_axis is None:  # (adapters, axes...)
+        axes = [None] + axes
+    else:  # the same moves as _layers_first / _layers_back, on the axis names
+        axes.insert(0, axes.pop(min(layer_axis, leaf.ndim - 1)))
+        axes.insert(1, None)
+        axes.insert(min(layer_axis, len(axes) - 1), axes.pop(0))
+    spec = PartitionSpec() if replicated else PartitionSpec(*axes)
+    return jax.device_put(stack, NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind))
 
 
 def _stack_replacements(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedModule]) -> AdaptedModule:

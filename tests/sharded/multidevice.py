@@ -344,3 +344,44 @@ def test_stacked_layers_keep_the_layer_axis_sharding(tmp_path):
     forward = jax.jit(jlora.wrap(model.apply))
     want = forward({"params": jlora.load(single, folder, layout=layout)}, ids)
     np.testing.assert_allclose(forward({"params": lp}, ids), want, rtol=1e-5, atol=1e-5)
+
+    # several adapters: the stacked leaves keep the same shardings, the adapter axis replicated
+    sources = {"a": folder, "b": write_adapter(tmp_path / "b", {"peft_type": "LORA", "r": R, "lora_alpha": 3 * R,
+                                                                "target_modules": ["q_proj"]}, tensors)}
+    mixed = jlora.load(sharded, sources, layout=layout)
+    node = mixed["decoder"]["layers"]["attn"]["query"]
+    assert node["lora_A"].sharding.spec == P(None, "data", None, None)  # (adapters, L, D, R): layers at axis 1
+    assert node["lora_B"].sharding.spec == P(None, "data", None, "model", None)  # (adapters, L, R, N, H)
+    adapter_ids = np.array([1, -1], np.int32)
+    want = forward({"params": jlora.load(single, sources, layout=layout)}, ids, adapter_ids=adapter_ids)
+    np.testing.assert_allclose(forward({"params": mixed}, ids, adapter_ids=adapter_ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapters_keep_the_derived_shardings(setup, tmp_path):
+    """Several adapters on a sharded tree: the stacked factors keep each single adapter's sharding with the adapter
+    axis replicated, per-adapter lm_head copies the kernel's, and the mixed batch gives the single-device output."""
+    single, sharded, mesh = setup["single"], setup["sharded"], setup["mesh"]
+    no_dora = {k: v for k, v in adapter_tensors(single).items() if "magnitude" not in k}
+    other = {k: v for k, v in adapter_tensors(single, seed=5).items() if "magnitude" not in k and "lm_head" not in k}
+    sources = {"a": write_adapter(tmp_path / "a", {"peft_type": "LORA", "r": R, "lora_alpha": 2 * R,
+                                                   "target_modules": TARGETS, "modules_to_save": ["lm_head"]}, no_dora),
+               "b": write_adapter(tmp_path / "b", {"peft_type": "LORA", "r": R, "lora_alpha": R,
+                                                   "target_modules": TARGETS}, other)}
+    mixed = jlora.load(sharded, sources)
+    for path, node in adapted_modules(mixed):
+        single_specs = expected_specs(node.spec.peft_name)
+        for key, leaf in node.items():
+            if key in ("lora_A", "lora_B"):
+                want = P(None, *single_specs[key])
+            elif key == "lora_scale":
+                want = P()
+            elif key.startswith("by_adapter_"):
+                want = P(None, *single_specs[key[len("by_adapter_"):]])
+            else:
+                want = single_specs[key]
+            assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, want), leaf.ndim), (node.spec.peft_name, key)
+    adapter_ids = np.array([1, -1], np.int32)
+    forward = jax.jit(jlora.wrap(lambda ids, params: setup["model"](ids, params=params).logits))
+    want = forward(setup["ids"], jlora.load(single, sources), adapter_ids=adapter_ids)
+    got = forward(setup["ids_sharded"], mixed, adapter_ids=adapter_ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
