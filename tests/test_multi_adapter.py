@@ -275,9 +275,11 @@ def test_mixed_batch_with_saved_tied_embedding_matches_peft(tmp_path):
     names = ["a", "__base__", "b", "b"]
     with torch.no_grad():
         want = judge(input_ids=torch.as_tensor(IDS).long(), adapter_names=names).logits.numpy()
-    lp = jlora.load(flax_model.params, {name: tmp_path / name for name in loras})
+    sources = {name: tmp_path / name for name in loras}
+    lp = jlora.load(flax_model.params, sources)
     got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=jnp.array([0, -1, 1, 1])).logits
     assert rel_err(got, want) <= 1e-4
+    _assert_select_gives_back(flax_model.params, lp, sources)  # each with its base_table for the head
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True,
                                                                   trainable_token_indices=[3]))
     pm.save_pretrained(tmp_path / "tokens")
