@@ -415,10 +415,8 @@ def test_nnx_model_modules_to_save_on_a_tied_embedding():
     assert rel_err(want, (new_table[ids] @ merged_proj["kernel"] + merged_proj["bias"]) @ new_table.T) > 1e-2
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_nnx_model_conv_side_path(use_dora):
-    """nnx.Conv runs its side path in nnx_model (strided, padded): the output equals the merged model's, no
-    warning, and no kernel-sized sum in the jaxpr (plain LoRA)."""
+def _nnx_conv_net():
+    """An NNX conv (strided, padded) + Linear net, split: (graphdef, state, its layout)."""
     from flax import nnx
 
     class Net(nnx.Module):
@@ -432,6 +430,16 @@ def test_nnx_model_conv_side_path(use_dora):
     graphdef, state = nnx.split(Net(nnx.Rngs(0)))
     layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"),
                      Rule(r"head", "head/kernel", "o i -> i o")])
+    return graphdef, state, layout
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nnx_model_conv_side_path(use_dora):
+    """nnx.Conv runs its side path in nnx_model (strided, padded): the output equals the merged model's, no
+    warning, and no kernel-sized sum in the jaxpr (plain LoRA)."""
+    from flax import nnx
+
+    graphdef, state, layout = _nnx_conv_net()
     config = jlora.LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
     lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["conv", "head"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
@@ -443,6 +451,20 @@ def test_nnx_model_conv_side_path(use_dora):
     if not use_dora:
         eqns = jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr.eqns
         assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 3, 3, 8), (8, 4)}
+
+
+def _assert_rows_run_alone(got, graphdef, state, layout, row_sources: dict, inputs) -> None:
+    """Rows of a mixed NNX batch: each row in ``row_sources`` equals its adapter alone (which changes it), every
+    other row the base model."""
+    from flax import nnx
+
+    base = nnx.merge(graphdef, state)(inputs)
+    for row in range(base.shape[0]):
+        if row not in row_sources:
+            assert rel_err(got[row], base[row]) <= 1e-6
+            continue
+        alone = jlora.nnx_model(graphdef, jlora.load(state, row_sources[row], layout=layout))(inputs)
+        assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
 
 
 def test_nnx_model_mixed_batch_with_replaced_modules(tmp_path):
@@ -478,29 +500,13 @@ def test_nnx_model_mixed_batch_with_replaced_modules(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = jax.jit(lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(ids))(lp, jnp.array([1, -1, 0]))
-    base = nnx.merge(graphdef, state)(ids)
-    for row, name in ((0, "y"), (2, "x")):
-        alone = jlora.nnx_model(graphdef, jlora.load(state, sources[name], layout=layout))(ids)
-        assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
-    assert rel_err(got[1], base[1]) <= 1e-6
+    _assert_rows_run_alone(got, graphdef, state, layout, {0: sources["y"], 2: sources["x"]}, ids)
 
 
 def test_nnx_model_mixed_batch_on_a_conv(tmp_path):
     """Two adapters of different ranks on an nnx.Conv and a Linear, one mixed batch: each row equals its
     adapter alone, the -1 row the base model."""
-    from flax import nnx
-
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding=((1, 1), (0, 2)), rngs=rngs)
-            self.head = nnx.Linear(8, 4, rngs=rngs)
-
-        def __call__(self, x):
-            return self.head(self.conv(x))
-
-    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-    layout = Layout([Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o"),
-                     Rule(r"head", "head/kernel", "o i -> i o")])
+    graphdef, state, layout = _nnx_conv_net()
     sources = {}
     for seed, rank in enumerate((2, 3)):
         config = jlora.LoraConfig(r=rank, target_modules=["conv", "head"], init_lora_weights=False)
@@ -509,8 +515,4 @@ def test_nnx_model_mixed_batch_on_a_conv(tmp_path):
     lp = jlora.load(state, sources, layout=layout)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 9, 9, 3)), jnp.float32)
     got = jax.jit(lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(x))(lp, jnp.array([1, -1, 0]))
-    base = nnx.merge(graphdef, state)(x)
-    for row, name in ((0, "r3"), (2, "r2")):
-        alone = jlora.nnx_model(graphdef, jlora.load(state, sources[name], layout=layout))(x)
-        assert rel_err(got[row], alone[row]) <= 1e-5 and rel_err(alone[row], base[row]) > 1e-2
-    assert rel_err(got[1], base[1]) <= 1e-6
+    _assert_rows_run_alone(got, graphdef, state, layout, {0: sources["r3"], 2: sources["r2"]}, x)
