@@ -3,7 +3,8 @@
 FlaxLlama (hidden 512, 4 layers, intermediate 1376, vocab 1024, float32), adapters r=16 on all linear
 layers, 8 examples per batch, T = 16 and 256 tokens per example. Variants are interleaved in shuffled
 order each round; ratios are medians of per-round paired ratios, with an A/A control (the base model
-compiled twice). Prints a table and appends it to benchmarks/RESULTS.md when run with --write.
+compiled twice). Prints a table and, with --write,
+puts it into benchmarks/RESULTS.md (replacing its previous run).
 
     python benchmarks/bench_multi.py [--repeats 21] [--write]
 """
@@ -20,7 +21,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jlora  # noqa: E402
-from common import fmt_ratio, interleaved, paired_ratio  # noqa: E402
+from common import fmt_ratio, interleaved, paired_ratio, write_section  # noqa: E402
 
 
 def main() -> int:
@@ -77,9 +78,7 @@ def main() -> int:
                   f"{'met' if max(mixed_ratios) <= 1.15 else 'missed by ' + f'{max(mixed_ratios) / 1.15 - 1:.0%}'}."]
     print("\n".join(lines))
     if args.write:
-        path = Path(__file__).resolve().parent / "RESULTS.md"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+        write_section(lines)
     return 0
 
 

@@ -5,7 +5,8 @@ is merged inside the call), against the base model.
 The NNX decoder is the one the tests use (``tests/llama_variants.py``: separate q/o/MLP ``nnx.Linear``s,
 a fused kv ``nnx.LinearGeneral``), hidden 512, 4 layers, intermediate 1376, vocab 1024, float32;
 adapter r=16 on all seven projections. Variants are interleaved in shuffled order each round; ratios are
-medians of per-round paired ratios. Prints a table and appends it to benchmarks/RESULTS.md with --write.
+medians of per-round paired ratios. Prints a table and, with --write,
+puts it into benchmarks/RESULTS.md (replacing its previous run).
 
     python benchmarks/bench_nnx.py [--repeats 21] [--write]
 """
@@ -23,7 +24,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import jlora  # noqa: E402
-from common import fmt_ratio, interleaved, paired_ratio  # noqa: E402
+from common import fmt_ratio, interleaved, paired_ratio, write_section  # noqa: E402
 from llama_variants import make_nnx_llama, nnx_logits  # noqa: E402
 
 LAYER = r"model\.layers\.(?P<layer>\d+)"
@@ -78,8 +79,7 @@ def main() -> int:
     lines += [f"| {T} | {k} | {ratio} | {diff} |" for T, k, ratio, diff in rows]
     print("\n".join(lines))
     if args.write:
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+        write_section(lines)
     return 0
 
 

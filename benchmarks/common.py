@@ -202,3 +202,23 @@ def machine() -> dict[str, Any]:
         "loadavg_start": os.getloadavg(),
         "versions": versions,
     }
+
+
+def write_section(lines: list[str]) -> Path:
+    """Put a benchmark's section (``lines``, starting with its ``### `` heading) into ``benchmarks/RESULTS.md``:
+    an earlier section with the same heading text up to its first ``(`` is replaced, else it is appended.
+
+    Example:
+        >>> write_section(["### Multi-adapter mixed batch (CPU, ...)", "", "| T | ... |"])
+    """
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    key = lines[0].split("(")[0].strip()
+    kept, skipping = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            skipping = line.split("(")[0].strip() == key
+        if not skipping:
+            kept.append(line)
+    text = "\n".join(kept).rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path

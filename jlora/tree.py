@@ -82,7 +82,8 @@ class ModuleSpec:
     # (lora_alpha, base model name, ...) share compiled functions. jit outputs keep the spec of the
     # first call: jlora.combine and jlora.save guard against that (see save._config_json).
     config_json: str = dataclasses.field(default="{}", compare=False)
-    # multi-adapter modules: (name, that adapter's own spec or None, its rank width) per adapter index
+    # multi-adapter modules: (name, that adapter's own spec or None, its rank width; 0 for replaced tensors) per
+    # adapter index
     adapters: tuple[tuple[str, "ModuleSpec | None", int], ...] = ()
     # an input embedding whose output head shares its table, adapter included (PEFT's ensure_weight_tying): the
     # head's PEFT name, whose mirrored tensors save writes back; its LoRA is merged into the table in the call

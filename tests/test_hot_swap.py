@@ -116,3 +116,21 @@ def test_stale_rank_from_a_jitted_step_with_pad_rank_is_caught(tmp_path):
     assert load_file(str(out / "adapter_model.safetensors")).keys() == load_file(
         str(big_dir / "adapter_model.safetensors")).keys()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_mixed_trees_swap_adapters_without_recompiling(tmp_path):
+    """Several adapters in one tree (pad_rank for equal widths): other values, lora_alpha and ranks under the
+    same names reuse the compiled mixed-batch function, and each row stays its adapter's."""
+    model = tiny_llama()
+    fwd, traces = _counted_forward(model)
+    ids, adapter_ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32), jnp.array([1, 0])
+    for i, (r_a, r_b) in enumerate([(4, 2), (8, 4), (2, 8)]):
+        sources = {"a": write_adapter(tmp_path / f"a{i}", _config(r=r_a, lora_alpha=3 * r_a),
+                                      llama_lora_tensors(r=r_a, seed=10 + i)),
+                   "b": write_adapter(tmp_path / f"b{i}", _config(r=r_b, lora_alpha=5 + i),
+                                      llama_lora_tensors(r=r_b, seed=20 + i))}
+        got = fwd(ids, jlora.load(model.params, sources, pad_rank=8), adapter_ids=adapter_ids)
+        for row, name in ((0, "b"), (1, "a")):
+            want = model(ids, params=jlora.merge(jlora.load(model.params, sources[name]))).logits[row]
+            np.testing.assert_allclose(got[row], want, rtol=2e-5, atol=2e-5)
+    assert len(traces) == 2  # one abstract probe + one trace, for the first pair only
