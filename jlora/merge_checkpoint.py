@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
@@ -37,6 +38,8 @@ from .torch_layout import nest_keys
 from .tree import adapted_modules
 
 INDEX_NAME = "model.safetensors.index.json"
+HEAD_KEY = "lm_head.weight"  # where transformers' causal / seq2seq LM classes keep an untied output head
+LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # ... the classes that name it so
 SINGLE_NAME = "model.safetensors"
 # weight files never downloaded (Hub) nor copied: only the safetensors checkpoint is read and rewritten
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx",
@@ -117,6 +120,31 @@ def _copy_other_files(folder: Path, dest: Path) -> list[str]:
     return sorted(copied)
 
 
+def _tied_vocab_size(config: dict) -> int | None:
+    """The vocabulary size of a model whose output head is tied to its input embedding (``tie_word_embeddings``,
+    true by default in transformers), from its ``config.json``; None when untied or unknown."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    vocab = config.get("vocab_size", text.get("vocab_size"))
+    return vocab if tied is True and isinstance(vocab, int) else None
+
+
+def _replaces_table(node, vocab: int) -> bool:
+    """Whether the node replaces (modules_to_save) a ``(vocab, dim)`` table: the input embedding a tied head reads."""
+    weight = node.get("weight")
+    return (not node.spec.has_lora and "weight" in dict(node.spec.file_keys) and weight is not None
+            and weight.ndim == 2 and weight.shape[0] == vocab)
+
+
+def _untie_config(path: Path) -> None:
+    """Set ``tie_word_embeddings`` to false in a copied ``config.json`` (and in a nested ``text_config``)."""
+    config = read_json(path)
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def merge_checkpoint(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -165,10 +193,22 @@ def merge_checkpoint(
     lora_tree = place(nest_keys({k: v for a in arrays.values() for k, v in a.items()}), config, tensors,
                       layout="torch", source=str(weights_path))
     key_shard = {k: shard for shard, a in arrays.items() for k in a}
+    base_config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    tied_vocab = None if HEAD_KEY in key_shard else _tied_vocab_size(base_config)
+    lm_head = any(str(a).endswith(LM_HEAD_CLASSES) for a in base_config.get("architectures") or [])
     nodes_by_shard: dict[str, list] = defaultdict(list)
+    heads: dict[str, dict[str, np.ndarray]] = defaultdict(dict)  # shard -> untied head tensors to add
     not_float = []
     for path, node in adapted_modules(lora_tree):
         prefix = ".".join(map(str, path))
+        if tied_vocab and _replaces_table(node, tied_vocab) and lm_head:  # untie: the head keeps the old table
+            shard = key_shard[f"{prefix}.weight"]
+            heads[shard][HEAD_KEY] = arrays[shard][f"{prefix}.weight"]
+        elif tied_vocab and _replaces_table(node, tied_vocab):
+            warnings.warn(f"jlora merge: the adapter replaces {prefix}.weight, a table this model's tied output head "
+                          "may read; PEFT's merge_and_unload unties them (the head keeps the old table), but jlora "
+                          f"cannot tell where this architecture keeps its head (not {HEAD_KEY}): in the merged "
+                          "checkpoint the head reads the new table", stacklevel=2)
         for shard in sorted({key_shard[f"{prefix}.{child}"] for child in node.base_children()}):
             nodes_by_shard[shard].append((prefix, node))  # a module split over two shards is merged for each
         weight = node[node.spec.kernel_key] if node.spec.kernel_key in node else None
@@ -177,7 +217,9 @@ def merge_checkpoint(
     if not_float:
         raise CheckpointError(f"{base}: cannot merge into non-floating-point (quantized?) weights", not_float)
     del lora_tree  # from here on each shard's memory map is released once that shard is written
-    total = sum(int(v.nbytes) for a in arrays.values() for v in a.values())
+    untie = bool(heads)
+    total = sum(int(v.nbytes) for a in arrays.values() for v in a.values()) + \
+        sum(int(v.nbytes) for h in heads.values() for v in h.values())
 
     tmp = out.parent / f".{out.name}.jlora-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
@@ -192,6 +234,9 @@ def merge_checkpoint(
                     for child, value in merged.items():
                         if f"{prefix}.{child}" in tensors_out:
                             tensors_out[f"{prefix}.{child}"] = np.asarray(value)
+                tensors_out.update({k: np.asarray(v) for k, v in heads.pop(shard, {}).items()})
+                if weight_map is not None:
+                    weight_map.update({k: shard for k in tensors_out if k not in weight_map})
                 save_file(tensors_out, str(tmp / shard), metadata=shard_metadata[shard] or {"format": "pt"})
                 bar.update(sum(int(v.nbytes) for v in tensors_out.values()))
                 del tensors_out, nodes
@@ -199,6 +244,8 @@ def merge_checkpoint(
             index = {"metadata": {**index_metadata, "total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _copy_other_files(folder, tmp)
+        if untie:
+            _untie_config(tmp / "config.json")
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -288,3 +288,20 @@ def test_console_script_is_declared():
     section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
     module, func = re.search(r'^jlora = "([\w.]+):(\w+)"$', section, re.M).groups()  # tomllib needs 3.11
     assert module == "jlora.cli" and callable(getattr(jlora.cli, func))
+
+
+def test_merge_untied_like_peft_when_a_tied_embedding_is_replaced(tmp_path):
+    """modules_to_save on GPT-2's wte, which the head is tied to: PEFT's merge_and_unload unties them (the head
+    keeps the old table, tie_word_embeddings false); jlora merge writes the same checkpoint."""
+    import transformers as tf
+
+    torch.manual_seed(3)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    base, adapter, merged = make_case(tmp_path, model, dict(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            modules_to_save=["wte"], fan_in_fan_out=True))
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    np.testing.assert_array_equal(written["lm_head.weight"], load_file(base / "model.safetensors")["transformer.wte.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert_same_as_peft(tmp_path / "out", tf.GPT2LMHeadModel, merged)
