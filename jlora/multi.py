@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import LoraConfig
 from .errors import AdapterError
+from .placement import replicated_like
 from .targeting import module_scale
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
                    FactorSource, ModuleSpec, adapted_modules, get_path, set_paths)
@@ -151,8 +152,10 @@ def _placed_like(stack: np.ndarray, leaf: Any, layer_axis: int | None, replicate
     devices: a named sharding keeps each of ``leaf``'s axes sharded as it was, the adapter axis replicated
     (everything replicated with ``replicated``)."""
     sharding = getattr(leaf, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return jax.device_put(stack, sharding) if sharding is not None else jnp.asarray(stack)
+    if sharding is None:
+        return jnp.asarray(stack)
+    if not isinstance(sharding, NamedSharding):  # one device, or replicated over the leaf's devices
+        return jax.device_put(stack, replicated_like(sharding))
     axes = list(tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec)))
     if layer_axis is None:  # (adapters, axes...)
         axes = [None] + axes
