@@ -4,9 +4,11 @@ NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an 
 kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
 caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv``: it
 runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
-``lora_dropout``, DoRA, several adapters per batch). Other module types and stacked kernels get their
-kernel merged in the call, with a warning. The model is built for one call (inside ``jax.jit`` or a
-loss function): the adapter arrays are its inputs, so gradients reach them.
+``lora_dropout``, DoRA, several adapters per batch). Stacked layers (a module built with ``nnx.vmap`` and run
+by ``nnx.scan``) run unmerged too: their adapter entries become ``nnx.Param`` attributes that the scan slices
+with the kernel (one adapter, no ``lora_dropout``). Other module types, and stacked kernels with several
+adapters or dropout, get their kernel merged in the call, with a warning. The model is built for one call
+(inside ``jax.jit`` or a loss function): the adapter arrays are its inputs, so gradients reach them.
 
 Example:
     >>> graphdef, state = nnx.split(model)
@@ -100,6 +102,39 @@ class _SideCaller:
         return getattr(self.module, name)
 
 
+def _stacked_call(self, *args, **kwargs):
+    """The call of an NNX module of stacked layers (built with ``nnx.vmap``, run with ``nnx.scan``) whose adapter
+    entries are ``nnx.Param`` attributes with the kernel's layer axis: the scan slices them with the kernel, and
+    the side path adds the adapter of the layer at hand to the module's own output."""
+    y = super(type(self), self).__call__(*args, **kwargs)
+    entries = {key: getattr(self, ENTRY_PREFIX + key)[...] for key in self.jlora_entries}
+    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext())
+
+
+ENTRY_PREFIX = "jlora_"
+# the module classes whose stacked instances get a side path (exact types: a subclass may call differently); the
+# subclasses only override __call__, so an instance can change class in place
+_STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_call})
+            for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.Conv)}
+
+
+def _runs_stacked(node: AdaptedModule, module: Any, dropping: bool) -> bool:
+    """Whether a stacked kernel's adapter can run unmerged: one adapter, LoRA factors only, no dropout to apply
+    (the scan would hand every layer the same mask), and a module class with a stacked side path."""
+    spec = node.spec
+    return (spec.layer_axis is not None and spec.has_lora and not spec.adapters and not spec.merged_in_call
+            and not (dropping and spec.dropout > 0) and type(module) in _STACKED)
+
+
+def _make_stacked(module: nnx.Module, side, node: AdaptedModule) -> None:
+    """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries."""
+    entries = side_entries(node)
+    for key, value in entries.items():
+        setattr(module, ENTRY_PREFIX + key, nnx.Param(value))
+    module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), node.spec, side
+    module.__class__ = _STACKED[type(module)]
+
+
 def _child(node: Any, key: Any) -> Any:
     return getattr(node, key) if isinstance(key, str) and hasattr(node, key) else node[key]
 
@@ -141,14 +176,20 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     candidates = {path: side_for(_at(probe, path), node.spec) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
-    merged = [path for path, node in sites.items() if node.has_side_path and path not in side]
+    stacked = {path for path, node in sites.items()
+               if _runs_stacked(node, _at(probe, path), lora_dropout_key is not None)}
+    merged = [path for path, node in sites.items() if node.has_side_path and path not in side and path not in stacked]
     model = probe
     unplanned = sorted(sites[path].spec.peft_name for path in merged if not sites[path].spec.merged_in_call)
     if unplanned:
         warnings.warn(f"jlora.nnx_model: no unmerged side path for {unplanned} (module class without one, or a "
-                      "stacked kernel); their kernels are merged inside the call", stacklevel=2)
+                      "stacked kernel with several adapters or lora_dropout); their kernels are merged inside the "
+                      "call", stacklevel=2)
     if merged:
         model = nnx.merge(graphdef, set_paths(plain, {path: merged_module(sites[path]) for path in merged}))
+    for path in stacked:
+        module = _at(model, path)
+        _make_stacked(module, side_for(module, sites[path].spec), sites[path])
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])

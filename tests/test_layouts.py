@@ -516,3 +516,77 @@ def test_nnx_model_mixed_batch_on_a_conv(tmp_path):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 9, 9, 3)), jnp.float32)
     got = jax.jit(lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(x))(lp, jnp.array([1, -1, 0]))
     _assert_rows_run_alone(got, graphdef, state, layout, {0: sources["r3"], 2: sources["r2"]}, x)
+
+
+def _nnx_scanned_net(layers: int = 3, dim: int = 8):
+    """An NNX net whose blocks are stacked (built with nnx.vmap, run with nnx.scan), split, and its layout."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+            self.down = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(jnp.tanh(self.up(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return Block(rngs)
+
+            self.blocks = create(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def step(block, x):
+                return block(x)
+
+            return step(self.blocks, x)
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"blocks\.(?P<layer>\d+)\.(?P<m>up|down)", "blocks/{m}/kernel", "o i -> layer i o")])
+    return graphdef, state, layout
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nnx_model_runs_stacked_layers_unmerged(use_dora):
+    """Blocks built with nnx.vmap and run with nnx.scan (kernels (L, in, out)): the adapter runs unmerged inside
+    the scan, each layer with its own slice (LoRA: one layer left untouched), equal to the merged model, with no
+    warning, no kernel-sized sum (plain LoRA) and the gradients of the merged-in-call path."""
+    from flax import nnx
+
+    graphdef, state, layout = _nnx_scanned_net()
+    some_layers = {} if use_dora else dict(layers_to_transform=[0, 2], layers_pattern="blocks")  # DoRA: all layers
+    config = jlora.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False, use_dora=use_dora,
+                              **some_layers)
+    names = [f"blocks.{i}.{m}" for i in range(3) for m in ("up", "down")]
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=names)
+    assert lp["blocks"]["up"]["lora_A"].shape == (3, 8, 2)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 8)), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(lambda p: jlora.nnx_model(graphdef, p)(x))(lp)
+    want = nnx.merge(graphdef, jlora.merge(lp))(x)
+    assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
+    if not use_dora:
+        def all_eqns(jaxpr):  # the equations of a jaxpr and of the jaxprs inside it (the scan's body)
+            for eqn in jaxpr.eqns:
+                yield eqn
+                for param in eqn.params.values():
+                    inner = getattr(param, "jaxpr", param)
+                    if hasattr(inner, "eqns"):
+                        yield from all_eqns(inner)
+
+        eqns = list(all_eqns(jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr))
+        assert any(e.primitive.name == "scan" for e in eqns)
+        assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 8, 16), (8, 16)}
+
+    trainable, frozen = jlora.split(lp)
+    loss = lambda t, model: jnp.sum(jnp.sin(model(jlora.combine(t, frozen))(x)))  # noqa: E731
+    unmerged = jax.grad(loss)(trainable, lambda p: jlora.nnx_model(graphdef, p))
+    in_call = jax.grad(loss)(trainable, lambda p: nnx.merge(graphdef, jlora.merge(p)))
+    for g, h in zip(jax.tree_util.tree_leaves(unmerged), jax.tree_util.tree_leaves(in_call), strict=True):
+        assert rel_err(g, h) <= 1e-5
