@@ -29,6 +29,8 @@ from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE,
                    ModuleSpec, is_adapted, keyed)
 
 SITE_PREFIX = "__jlora_site_"
+# a stacked kernel's layer numbers, shaped to be sliced with it by a scan (per-layer dropout masks)
+LAYER_INDEX = "layer_index"
 
 
 def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
@@ -37,7 +39,12 @@ def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
         return {k: v for k, v in node.items() if k.startswith(BY_ADAPTER)}
     if BASE_TABLE in node:
         return {INPUT_TABLE: node["embedding"]}
-    return {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
+    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE) if k in node}
+    spec = node.spec
+    if spec.layer_axis is not None and spec.dropout > 0:  # sliced with the kernel: each layer's own dropout mask
+        layers = node[spec.kernel_key].shape[spec.layer_axis]
+        entries[LAYER_INDEX] = jnp.arange(layers, dtype=jnp.uint32).reshape((1,) * spec.layer_axis + (layers,))
+    return entries
 
 
 def _site_of(module: nn.Module) -> tuple[int, dict] | None:
@@ -51,12 +58,16 @@ def _site_of(module: nn.Module) -> tuple[int, dict] | None:
     return None
 
 
-def lora_dropout(key: jax.Array | None, rate: float, site: int, name: str) -> Callable | None:
+def lora_dropout(key: jax.Array | None, rate: float, site: int, name: str,
+                 layer: jax.Array | None = None) -> Callable | None:
     """LoRA-branch dropout for one module call (None without a key or with rate 0); ``name``: the
-    module's path, folded into the key with the site index."""
+    module's path, folded into the key with the site index and, inside a scan over stacked layers, the
+    layer's index (``layer``: the ``LAYER_INDEX`` entry as the scan sliced it)."""
     if key is None or rate == 0.0:
         return None
     key = jax.random.fold_in(jax.random.fold_in(key, site), zlib.crc32(name.encode()))
+    if layer is not None and layer.size == 1:
+        key = jax.random.fold_in(key, layer.reshape(()))
 
     def drop(x):
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -78,7 +89,8 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout
         if handled is not None:
             handled.add(index)
         y = next_fun(*args, **kwargs)
-        drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path))
+        drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path),
+                            entries.get(LAYER_INDEX))
         ctx = CallContext(drop, adapter_ids)
         return side(context.module, args, kwargs, y, entries, specs[index], ctx)
 

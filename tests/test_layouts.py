@@ -312,7 +312,7 @@ def test_nnx_dora_dropout_matches_peft_train_mode(tmp_path, monkeypatch):
     graphdef, state = make_nnx_llama(cfg, abstract=True)
     lp = jlora.load(nnx_pure_params_from_torch(base.state_dict(), cfg, template=state), tmp_path / "adapter",
                     layout=NNX)
-    def fixed(key, rate, site, name):
+    def fixed(key, rate, site, name, layer=None):
         return None if key is None else lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)
 
     monkeypatch.setattr(importlib.import_module("jlora.nnx_model"), "lora_dropout", fixed)

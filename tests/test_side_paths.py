@@ -144,3 +144,31 @@ def test_mixed_batch_on_einsum_and_dense_general(tmp_path):
         np.testing.assert_allclose(got[row], alone[row], rtol=1e-5, atol=1e-6)
         assert np.max(np.abs(alone[row] - base[row])) > 1e-2
     np.testing.assert_allclose(got[1], base[1], rtol=1e-6, atol=1e-7)
+
+
+def test_lora_dropout_draws_a_mask_per_scanned_layer():
+    """lora_dropout inside nn.scan: every layer of a stacked kernel draws its own mask, as PEFT's per-layer
+    dropout modules do. Two layers x + drop(x) @ I @ I on ones (rate 0.5, kernel zero): with one mask for both
+    layers the outputs could only be 1 or 9; independent masks also give 3."""
+    dim = 64
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(dim, use_bias=False, kernel_init=nn.initializers.zeros, name="lin")(x), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return scanned(name="blocks")(x, None)[0]
+
+    x = jnp.ones((1, dim))
+    params = Stack().init(jax.random.key(0), x)["params"]
+    layout = jlora.Layout([jlora.Rule(r"blocks\.(?P<layer>\d+)\.lin", "blocks/lin/kernel", "o i -> layer i o")])
+    config = jlora.LoraConfig(r=dim, lora_alpha=dim, lora_dropout=0.5, target_modules=["lin"])
+    lp = jlora.init(params, config, key=jax.random.key(1), layout=layout, module_names=["blocks.0.lin", "blocks.1.lin"])
+    eye = jnp.broadcast_to(jnp.eye(dim), (2, dim, dim))
+    lp["blocks"]["lin"] = lp["blocks"]["lin"].replace(lora_A=eye, lora_B=eye)
+    out = np.asarray(jax.jit(jlora.wrap(Stack().apply))({"params": lp}, x, lora_dropout_key=jax.random.key(2)))
+    assert set(np.unique(out)) <= {1.0, 3.0, 9.0} and 3.0 in out

@@ -253,7 +253,7 @@ def test_dropout_matches_peft_train_mode(tmp_path, monkeypatch, case):
     real_dropout = wrap_module.lora_dropout
     seen = []
 
-    def fixed(key, rate, site, name):
+    def fixed(key, rate, site, name, layer=None):
         if key is None:  # wrap's abstract probe runs without a key
             return real_dropout(key, rate, site, name)
         assert rate == pytest.approx(0.3)
