@@ -137,8 +137,8 @@ def test_conv_gradients_match_peft(use_dora, dropout, tmp_path, monkeypatch):
 
     wrap_module = importlib.import_module("jlora.wrap")
     real_dropout = wrap_module.lora_dropout
-    monkeypatch.setattr(wrap_module, "lora_dropout", lambda key, rate, site, name: real_dropout(key, rate, site, name)
-                        if key is None else (lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)))
+    monkeypatch.setattr(wrap_module, "lora_dropout", lambda key, rate, site, name, layer=None: real_dropout(
+        key, rate, site, name) if key is None else (lambda x: x * jnp.asarray(fixed_mask(tuple(x.shape)), x.dtype)))
     trainable, frozen = jlora.split(jlora.load(twin.flax_model.params, twin.adapter_dir))
     forward = jlora.wrap(twin.flax_model.__call__)
     key = jax.random.key(0) if dropout else None
