@@ -5,9 +5,9 @@ kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge
 caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv``: it
 runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Stacked layers (a module built with ``nnx.vmap`` and run
-by ``nnx.scan``) run unmerged too: their adapter entries become ``nnx.Param`` attributes that the scan slices
-with the kernel (one adapter, no ``lora_dropout``). Other module types, and stacked kernels with several
-adapters or dropout, get their kernel merged in the call, with a warning. The model is built for one call
+by ``nnx.scan``) run unmerged too: their adapter entries (and the dropout key) become ``nnx.Param``
+attributes that the scan slices with the kernel (one adapter). Other module types, and stacked kernels with
+several adapters, get their kernel merged in the call, with a warning. The model is built for one call
 (inside ``jax.jit`` or a loss function): the adapter arrays are its inputs, so gradients reach them.
 
 Example:
@@ -22,12 +22,13 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .merge import merged_module, plain_module, tied_head_columns
 from .side_paths import CallContext, side_for
 from .tree import AdaptedModule, ModuleSpec, is_adapted, keyed, set_paths
-from .wrap import lora_dropout, require_adapter_ids, side_entries
+from .wrap import LAYER_INDEX, lora_dropout, require_adapter_ids, side_entries
 
 
 class _NnxModuleView:
@@ -105,10 +106,18 @@ class _SideCaller:
 def _stacked_call(self, *args, **kwargs):
     """The call of an NNX module of stacked layers (built with ``nnx.vmap``, run with ``nnx.scan``) whose adapter
     entries are ``nnx.Param`` attributes with the kernel's layer axis: the scan slices them with the kernel, and
-    the side path adds the adapter of the layer at hand to the module's own output."""
+    the side path adds the adapter of the layer at hand to the module's own output (with that layer's own
+    ``lora_dropout`` mask: the dropout key is stacked along the layer axis too, and the layer index folded in)."""
     y = super(type(self), self).__call__(*args, **kwargs)
     entries = {key: getattr(self, ENTRY_PREFIX + key)[...] for key in self.jlora_entries}
-    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext())
+    drop = None
+    if self.jlora_dropout is not None:
+        rate, site, name, impl = self.jlora_dropout
+        data = getattr(self, ENTRY_PREFIX + "dropout_key")[...]
+        key = data.reshape(data.shape[-1:]) if impl is None else \
+            jax.random.wrap_key_data(data.reshape(data.shape[-1:]), impl=impl)
+        drop = lora_dropout(key, rate, site, name, entries.get(LAYER_INDEX))
+    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext(drop))
 
 
 ENTRY_PREFIX = "jlora_"
@@ -118,20 +127,31 @@ _STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_ca
             for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.Conv)}
 
 
-def _runs_stacked(node: AdaptedModule, module: Any, dropping: bool) -> bool:
-    """Whether a stacked kernel's adapter can run unmerged: one adapter, LoRA factors only, no dropout to apply
-    (the scan would hand every layer the same mask), and a module class with a stacked side path."""
+def _runs_stacked(node: AdaptedModule, module: Any) -> bool:
+    """Whether a stacked kernel's adapter can run unmerged: one adapter, LoRA factors only, and a module class
+    with a stacked side path."""
     spec = node.spec
     return (spec.layer_axis is not None and spec.has_lora and not spec.adapters and not spec.merged_in_call
-            and not (dropping and spec.dropout > 0) and type(module) in _STACKED)
+            and type(module) in _STACKED)
 
 
-def _make_stacked(module: nnx.Module, side, node: AdaptedModule) -> None:
-    """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries."""
+def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: jax.Array | None, site: int,
+                  name: str) -> None:
+    """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries
+    and, to apply ``lora_dropout``, the key's data repeated along the layer axis."""
+    spec = node.spec
     entries = side_entries(node)
     for key, value in entries.items():
         setattr(module, ENTRY_PREFIX + key, nnx.Param(value))
-    module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), node.spec, side
+    module.jlora_dropout = None
+    if dropout_key is not None and spec.dropout > 0:
+        typed = jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key)
+        data = jax.random.key_data(dropout_key) if typed else dropout_key
+        layers = entries[LAYER_INDEX].shape[-1]
+        stacked = jnp.broadcast_to(data, (1,) * spec.layer_axis + (layers,) + data.shape)
+        setattr(module, ENTRY_PREFIX + "dropout_key", nnx.Param(stacked))
+        module.jlora_dropout = (spec.dropout, site, name, jax.random.key_impl(dropout_key) if typed else None)
+    module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), spec, side
     module.__class__ = _STACKED[type(module)]
 
 
@@ -176,20 +196,20 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     candidates = {path: side_for(_at(probe, path), node.spec) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
-    stacked = {path for path, node in sites.items()
-               if _runs_stacked(node, _at(probe, path), lora_dropout_key is not None)}
+    stacked = {path for path, node in sites.items() if _runs_stacked(node, _at(probe, path))}
     merged = [path for path, node in sites.items() if node.has_side_path and path not in side and path not in stacked]
     model = probe
     unplanned = sorted(sites[path].spec.peft_name for path in merged if not sites[path].spec.merged_in_call)
     if unplanned:
         warnings.warn(f"jlora.nnx_model: no unmerged side path for {unplanned} (module class without one, or a "
-                      "stacked kernel with several adapters or lora_dropout); their kernels are merged inside the "
+                      "stacked kernel with several adapters); their kernels are merged inside the "
                       "call", stacklevel=2)
     if merged:
         model = nnx.merge(graphdef, set_paths(plain, {path: merged_module(sites[path]) for path in merged}))
-    for path in stacked:
+    for index, path in enumerate(sorted(stacked, key=str), start=len(side)):
         module = _at(model, path)
-        _make_stacked(module, side_for(module, sites[path].spec), sites[path])
+        _make_stacked(module, side_for(module, sites[path].spec), sites[path], lora_dropout_key, index,
+                      "/".join(map(str, path)))
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])

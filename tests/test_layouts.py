@@ -590,3 +590,41 @@ def test_nnx_model_runs_stacked_layers_unmerged(use_dora):
     in_call = jax.grad(loss)(trainable, lambda p: nnx.merge(graphdef, jlora.merge(p)))
     for g, h in zip(jax.tree_util.tree_leaves(unmerged), jax.tree_util.tree_leaves(in_call), strict=True):
         assert rel_err(g, h) <= 1e-5
+
+
+def test_nnx_model_stacked_layers_draw_a_dropout_mask_per_layer():
+    """lora_dropout in stacked NNX layers runs unmerged, one mask per layer (as PEFT's per-layer dropouts): two
+    scanned layers x + drop(x) @ I @ I on ones (rate 0.5, kernel zero) give 3 somewhere, which one shared mask
+    cannot (only 1 or 9); without a key, no dropout."""
+    from flax import nnx
+
+    dim = 64
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(dim, dim, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.lin(x)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.vmap(Block, in_axes=0, out_axes=0)(rngs.fork(split=2))  # kernels (2, dim, dim)
+
+        def __call__(self, x):
+            return nnx.scan(lambda block, x: (block(x), None), in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(
+                self.blocks, x)[0]
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    layout = Layout([Rule(r"blocks\.(?P<layer>\d+)\.lin", "blocks/lin/kernel", "o i -> layer i o")])
+    config = jlora.LoraConfig(r=dim, lora_alpha=dim, lora_dropout=0.5, target_modules=["lin"])
+    lp = jlora.init(state, config, key=jax.random.key(1), layout=layout, module_names=["blocks.0.lin", "blocks.1.lin"])
+    eye = jnp.broadcast_to(jnp.eye(dim), (2, dim, dim))
+    lp["blocks"]["lin"] = lp["blocks"]["lin"].replace(lora_A=eye, lora_B=eye)
+    x = jnp.ones((1, dim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dropped = jax.jit(lambda p, k: jlora.nnx_model(graphdef, p, lora_dropout_key=k)(x))(lp, jax.random.key(2))
+        plain = jlora.nnx_model(graphdef, lp)(x)
+    assert set(np.unique(np.asarray(dropped))) <= {1.0, 3.0, 9.0} and 3.0 in np.asarray(dropped)
+    np.testing.assert_array_equal(plain, np.full((1, dim), 4.0))
