@@ -433,24 +433,39 @@ def _nnx_conv_net():
     return graphdef, state, layout
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_nnx_model_conv_side_path(use_dora):
-    """nnx.Conv runs its side path in nnx_model (strided, padded): the output equals the merged model's, no
-    warning, and no kernel-sized sum in the jaxpr (plain LoRA)."""
+def _assert_runs_unmerged(graphdef, state, lp, x, kernel_shapes: set, scan: bool = False) -> None:
+    """jlora.nnx_model runs ``lp`` with no warning, equal to the merged model (which differs from the base), and
+    its jaxpr (a scan's body included) adds nothing of ``kernel_shapes``: no kernel is merged."""
     from flax import nnx
 
-    graphdef, state, layout = _nnx_conv_net()
-    config = jlora.LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
-    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["conv", "head"])
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = jax.jit(lambda p: jlora.nnx_model(graphdef, p)(x))(lp)
     want = nnx.merge(graphdef, jlora.merge(lp))(x)
     assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
-    if not use_dora:
-        eqns = jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr.eqns
-        assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 3, 3, 8), (8, 4)}
+
+    def all_eqns(jaxpr):  # the equations of a jaxpr and of the jaxprs inside it
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
+
+    eqns = list(all_eqns(jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr))
+    assert any(e.primitive.name == "scan" for e in eqns) == scan
+    assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & kernel_shapes
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nnx_model_conv_side_path(use_dora):
+    """nnx.Conv runs its side path in nnx_model (strided, padded): the output equals the merged model's, no
+    warning, and no kernel-sized sum in the jaxpr (plain LoRA)."""
+    graphdef, state, layout = _nnx_conv_net()
+    config = jlora.LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=False, use_dora=use_dora)
+    lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=["conv", "head"])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 3)), jnp.float32)
+    _assert_runs_unmerged(graphdef, state, lp, x, set() if use_dora else {(3, 3, 3, 8), (8, 4)})
 
 
 def _assert_rows_run_alone(got, graphdef, state, layout, row_sources: dict, inputs) -> None:
@@ -566,23 +581,7 @@ def test_nnx_model_runs_stacked_layers_unmerged(use_dora):
     lp = jlora.init(state, config, key=jax.random.key(0), layout=layout, module_names=names)
     assert lp["blocks"]["up"]["lora_A"].shape == (3, 8, 2)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 8)), jnp.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = jax.jit(lambda p: jlora.nnx_model(graphdef, p)(x))(lp)
-    want = nnx.merge(graphdef, jlora.merge(lp))(x)
-    assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
-    if not use_dora:
-        def all_eqns(jaxpr):  # the equations of a jaxpr and of the jaxprs inside it (the scan's body)
-            for eqn in jaxpr.eqns:
-                yield eqn
-                for param in eqn.params.values():
-                    inner = getattr(param, "jaxpr", param)
-                    if hasattr(inner, "eqns"):
-                        yield from all_eqns(inner)
-
-        eqns = list(all_eqns(jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr))
-        assert any(e.primitive.name == "scan" for e in eqns)
-        assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & {(3, 8, 16), (8, 16)}
+    _assert_runs_unmerged(graphdef, state, lp, x, set() if use_dora else {(3, 8, 16), (8, 16)}, scan=True)
 
     trainable, frozen = jlora.split(lp)
     loss = lambda t, model: jnp.sum(jnp.sin(model(jlora.combine(t, frozen))(x)))  # noqa: E731
