@@ -201,14 +201,15 @@ def merge_checkpoint(
     not_float = []
     for path, node in adapted_modules(lora_tree):
         prefix = ".".join(map(str, path))
-        if tied_vocab and _replaces_table(node, tied_vocab) and lm_head:  # untie: the head keeps the old table
-            shard = key_shard[f"{prefix}.weight"]
-            heads[shard][HEAD_KEY] = arrays[shard][f"{prefix}.weight"]
-        elif tied_vocab and _replaces_table(node, tied_vocab):
-            warnings.warn(f"jlora merge: the adapter replaces {prefix}.weight, a table this model's tied output head "
-                          "may read; PEFT's merge_and_unload unties them (the head keeps the old table), but jlora "
-                          f"cannot tell where this architecture keeps its head (not {HEAD_KEY}): in the merged "
-                          "checkpoint the head reads the new table", stacklevel=2)
+        if tied_vocab and _replaces_table(node, tied_vocab):
+            if lm_head:  # untie: the head keeps the old table
+                shard = key_shard[f"{prefix}.weight"]
+                heads[shard][HEAD_KEY] = arrays[shard][f"{prefix}.weight"]
+            else:
+                warnings.warn(f"jlora merge: the adapter replaces {prefix}.weight, a table this model's tied output "
+                              "head may read; PEFT's merge_and_unload unties them (the head keeps the old table), "
+                              f"but jlora cannot tell where this architecture keeps its head (not {HEAD_KEY}): in "
+                              "the merged checkpoint the head reads the new table", stacklevel=2)
         for shard in sorted({key_shard[f"{prefix}.{child}"] for child in node.base_children()}):
             nodes_by_shard[shard].append((prefix, node))  # a module split over two shards is merged for each
         weight = node[node.spec.kernel_key] if node.spec.kernel_key in node else None

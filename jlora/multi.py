@@ -34,6 +34,7 @@ from .targeting import module_scale
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
                    FactorSource, ModuleSpec, adapted_modules, get_path, set_paths)
 
+
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
     """Whether the node changes a base tensor (PEFT also saves untouched embedding tables: those are fine)."""
     return any(child in node.spec.trainable or not np.array_equal(np.asarray(node[child]), np.asarray(base[child]))
@@ -169,12 +170,14 @@ def _placed_like(stack: np.ndarray, leaf: Any, layer_axis: int | None, replicate
 
 def _stack_replacements(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedModule]) -> AdaptedModule:
     """One module's replaced tensors (modules_to_save, trainable-token rows) of every adapter, along a leading
-    adapter axis: ``by_adapter_<key>`` for each of the module's own parameters (the base value for an adapter
-    that keeps it) and ``by_adapter_token_delta`` (rows zero-padded to the most indices; the indices stay in
-    each adapter's spec). The module's own parameters stay the base ones (``adapter_ids`` -1, tied heads)."""
+    adapter axis: ``by_adapter_<key>`` for each of the module's own parameters when some adapter replaces the
+    module (the base value for an adapter that keeps it) and ``by_adapter_token_delta`` (rows zero-padded to the
+    most indices; the indices stay in each adapter's spec). The module's own parameters stay the base ones
+    (``adapter_ids`` -1, tied heads); trainable tokens alone copy no table."""
     some = next(iter(by_name.values()))
     children: dict[str, Any] = dict(base)
-    for key, value in base.items():
+    replaced = any(child != TOKEN_DELTA for n in by_name.values() for child, _ in n.spec.file_keys)
+    for key, value in base.items() if replaced else ():
         children[BY_ADAPTER + key] = jnp.stack([
             jnp.asarray(by_name[n][key] if n in by_name and key in dict(by_name[n].spec.file_keys) else value,
                         value.dtype) for n in names])

@@ -219,6 +219,8 @@ def test_mixed_batch_of_classifiers_matches_peft(bert, tmp_path, kind):
     sources = {name: tmp_path / name for name in loras}
     lp = jlora.load(flax_model.params, sources)
     assert lp["classifier"]["by_adapter_kernel"].shape == (2, 32, 3)
+    table = lp["bert"]["embeddings"]["word_embeddings"]  # trainable tokens alone: no per-adapter copy of the table
+    assert ("by_adapter_embedding" in table) == (kind == "saved_embedding")
     fwd = jax.jit(jlora.wrap(flax_model.__call__))
     for names in (["b", "a", "__base__", "b"], ["__base__", "b", "a", "a"]):
         with torch.no_grad():
