@@ -68,14 +68,27 @@ def flax_params(cfg, dtype):
             "lm_head": {"kernel": jnp.zeros((d, cfg.vocab_size), dtype)}}
 
 
-def run(quick: bool = False) -> dict:
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (its module moved between versions)."""
+    import contextlib
+    for module in ("transformers.modeling_utils", "transformers.initialization"):
+        try:
+            return __import__(module, fromlist=["no_init_weights"]).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def run(quick: bool = False, torch_device: str | None = None) -> dict:
+    """``torch_device``: where PEFT's base model lives (default: the CPU)."""
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     import peft
     import torch
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_utils import no_init_weights
 
     import jlora
 
@@ -97,7 +110,7 @@ def run(quick: bool = False) -> dict:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with no_init_weights():
+        with _no_init_weights(), torch.device(torch_device) if torch_device else contextlib.nullcontext():
             torch_model = LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(default_dtype)
@@ -131,6 +144,8 @@ def run(quick: bool = False) -> dict:
         def go():
             t0 = now()
             pm = peft.PeftModel.from_pretrained(state["model"], str(folder), **kw)
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
             took = now() - t0
             state["model"] = pm.unload()  # back to the plain base model, untimed
             return SelfTimed(took)
