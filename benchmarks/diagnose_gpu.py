@@ -45,6 +45,19 @@ class InlineLoraDense(nn.Module):
         return x @ w + ((x @ a) * jnp.asarray(self.scale, self.dtype)) @ b
 
 
+class ConcatLoraDense(InlineLoraDense):
+    """Not jlora: ``[x | s * x@A] @ [W ; B]``, one matmul whose contraction runs over the kernel and B together
+    (XLA may fuse both concatenations into the matmul's operand reads)."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features), self.dtype)
+        a = self.param("lora_A", nn.initializers.zeros, (x.shape[-1], self.rank), self.dtype)
+        b = self.param("lora_B", nn.initializers.zeros, (self.rank, self.features), self.dtype)
+        xa = (x @ a) * jnp.asarray(self.scale, self.dtype)
+        return jnp.concatenate([x, xa], axis=-1) @ jnp.concatenate([w, b], axis=0)
+
+
 def inline_params(lora_params: dict) -> dict:
     def convert(node):
         if isinstance(node, jlora.tree.AdaptedModule):
@@ -89,6 +102,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tokens", default="1,256,4096")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--variants", default="base,wrap,wrap bf16,inline bf16,concat bf16")
     args = parser.parse_args()
     cfg = TINY if args.tiny else FULL
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
@@ -101,14 +115,22 @@ def main() -> int:
     f_base, f_wrap = jax.jit(apply), jax.jit(jlora.wrap(apply))
     dense = bench_gpu._dense
     bench_gpu._dense = lambda features, name, dtype, fused_rank, fused_scale: (  # fused_rank selects the inline model
-        InlineLoraDense(features, RANK, ALPHA / RANK, dtype, name=name) if fused_rank else dense(features, name, dtype, 0, 0.0))
+        [None, InlineLoraDense, ConcatLoraDense][fused_rank](features, RANK, ALPHA / RANK, dtype, name=name) if fused_rank
+        else dense(features, name, dtype, 0, 0.0))
     inline_model = Decoder(cfg["hidden"], cfg["layers"], cfg["intermediate"], cfg["heads"], cfg["vocab"], fused_rank=1)
     f_inline = jax.jit(lambda p, ids: inline_model.apply({"params": flat(p)}, ids))
+    concat_model = Decoder(cfg["hidden"], cfg["layers"], cfg["intermediate"], cfg["heads"], cfg["vocab"], fused_rank=2)
+    f_concat = jax.jit(lambda p, ids: concat_model.apply({"params": flat(p)}, ids))
     inline = inline_params(lp16)
     for t in (int(x) for x in args.tokens.split(",")):
         ids = jnp.asarray(np.random.default_rng(t).integers(0, cfg["vocab"], (1, t)), jnp.int32)
         fns = {"base": lambda: f_base(params, ids), "wrap": lambda: f_wrap(lp, ids),
-               "wrap bf16": lambda: f_wrap(lp16, ids), "inline bf16": lambda: f_inline(inline, ids)}
+               "wrap bf16": lambda: f_wrap(lp16, ids), "inline bf16": lambda: f_inline(inline, ids),
+               "concat bf16": lambda: f_concat(inline, ids)}
+        fns = {k: fns[k] for k in fns if k in args.variants.split(",")}
+        if t == int(args.tokens.split(",")[0]) and "concat bf16" in fns:
+            diff = jnp.abs(fns["concat bf16"]().astype(jnp.float32) - fns["inline bf16"]().astype(jnp.float32))
+            print(f"max |concat - inline| {float(diff.max()):.3g}", flush=True)
         samples = interleaved({k: (lambda f=f: jax.block_until_ready(f())) for k, f in fns.items()}, rounds=args.rounds)
         print(f"T={t}: base {np.median(samples['base']) * 1e3:.3f} ms; " + "; ".join(
             f"{k}/base {fmt_ratio(paired_ratio(samples, k, 'base'))}" for k in fns if k != "base"), flush=True)
