@@ -206,4 +206,6 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
         )
         updates[path] = AdaptedModule(children, spec)
     placer.finish()
+    updates = {path: AdaptedModule({k: placer.resolve(v) for k, v in node.items()}, node.spec)
+               for path, node in updates.items()}
     return set_paths(params, updates)

@@ -11,20 +11,27 @@ replicated on its devices), or a callable ``fn(path, leaf) -> Sharding | None`` 
 ``ShapeDtypeStruct`` carrying the derived sharding; ``None`` keeps it); ``load(..., device=d)`` puts
 every new leaf on ``d``.
 
-Host to device: every addressable device's shard is read straight from the host array (usually a
-transposed view of the memory-mapped file) and transposed by the copy into the device buffer, in the
-file's dtype; a dtype change (bfloat16 file, float32 factors) is then one cast on the device. Moving
-the file's bytes rather than host-cast float32 halves the transfer and skips a host pass. No other
-host copy is made and no process reads more than its devices' shards. Device arrays never alias the
-memory-mapped file (jax would on CPU): rewriting the file in place later cannot change or fault them.
+Host to device: the file's bytes move in the file's dtype (a bfloat16 file's float32 factors are cast
+on the device: half the transfer, no host pass). A leaf on one device is read straight from the
+memory-mapped file; on an accelerator it travels in the file's memory order and is transposed there,
+on the CPU the copy into the device buffer transposes it. The casts and transposes of all such leaves
+then run as one jitted call in :meth:`Placer.finish` (one dispatch per load instead of one per leaf;
+:meth:`Placer.put` hands back a placeholder that :meth:`Placer.resolve` swaps for the array). A sharded
+leaf: every addressable device's shard is read from the host array and transposed by its copy, then
+cast on the devices. No other host copy is made and no process reads more than its devices' shards.
+Device arrays never alias the memory-mapped file (jax would on CPU): rewriting the file in place later
+cannot change or fault them.
 
 Example:
     >>> placer = Placer(sharding="replicated")
     >>> a = placer.put(host_a, jnp.float32, path=("q_proj", "lora_A"), base=kernel, axes=(0, None))
     >>> placer.finish()   # raises one AdapterError listing every leaf that could not be placed
+    >>> a = placer.resolve(a)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -167,6 +174,24 @@ def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
     return array if moved == dtype else array.astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A leaf :meth:`Placer.put` has moved but not yet cast or transposed: see :meth:`Placer.resolve`."""
+    index: int
+
+
+def transposes_on_device(device: jax.Device) -> bool:
+    """Whether a leaf for ``device`` travels in the file's memory order and is transposed there: on
+    accelerators; not on the CPU, where XLA's transposes are slower than the transposing host copy."""
+    return device.platform != "cpu"
+
+
+@functools.partial(jax.jit, static_argnames=("perms", "dtypes"))
+def _transpose_cast(arrays: tuple, perms: tuple, dtypes: tuple) -> tuple:
+    """Every ``arrays[i].transpose(perms[i]).astype(dtypes[i])``, in one compiled call."""
+    return tuple(a.transpose(p).astype(d) for a, p, d in zip(arrays, perms, dtypes))
+
+
 def _check_arg(device: Any, sharding: ShardingArg) -> None:
     if device is not None and sharding is not None:
         raise AdapterError("pass either device= or sharding=, not both")
@@ -193,6 +218,8 @@ class Placer:
         self.device, self.sharding, self.check_finite, self.source = device, sharding, check_finite, source
         self.problems: list[str] = []
         self.nonfinite: list[str] = []
+        self._pending: list[tuple[jax.Array, tuple[int, ...], np.dtype]] = []
+        self._done: list[jax.Array] = []
 
     def sharding_for(self, path: str, shape: tuple, dtype: np.dtype, base: Any, axes: Axes) -> Sharding | None:
         """The sharding of a new leaf at ``path`` whose axes follow ``axes`` of ``base`` (or None + a problem)."""
@@ -247,13 +274,44 @@ class Placer:
             if label not in self.nonfinite and not all_finite(part):
                 self.nonfinite.append(label)
 
-        return to_device(host, sharding, dtype, check if self.check_finite and not checked else None)
+        inspect = check if self.check_finite and not checked else None
+        if len(sharding.device_set) > 1:
+            return to_device(host, sharding, dtype, inspect)
+        host = host if isinstance(host, np.ndarray) else np.asarray(host)
+        if inspect is not None:
+            inspect(host)
+        moved = _transfer_dtype(host.dtype, dtype)
+        (device,) = sharding.device_set
+        if transposes_on_device(device):  # the file's memory order travels, the transpose runs on the device
+            order = _memory_order(host)
+            array = jax.device_put(np.asarray(host_shard(host.transpose(order), (...,), moved), order="C"), sharding)
+        else:
+            order = tuple(range(host.ndim))
+            array = jax.device_put(_unaliased(host_shard(host, (...,), moved)), sharding)
+        perm = tuple(int(i) for i in np.argsort(order))
+        if moved == dtype and perm == tuple(range(host.ndim)):
+            return array
+        self._pending.append((array, perm, dtype))
+        return Pending(len(self._pending) - 1)
 
     def finish(self) -> None:
-        """Raise every problem met so far, all at once."""
+        """Raise every problem met so far, all at once; else run the pending casts and transposes."""
         if self.nonfinite:
             raise CheckpointError(f"{self.source}: tensors with NaN or Inf values (pass allow_nonfinite=True to "
                                   "load them anyway)", sorted(self.nonfinite))
         if self.problems:
             raise AdapterError(f"{self.source}: the adapter cannot be placed with these shardings", self.problems)
+        by_device: dict[Any, list[int]] = {}
+        for i, (array, _, _) in enumerate(self._pending):
+            by_device.setdefault(next(iter(array.devices())), []).append(i)
+        self._done = [None] * len(self._pending)
+        for indices in by_device.values():
+            arrays, perms, dtypes = zip(*(self._pending[i] for i in indices))
+            for i, out in zip(indices, _transpose_cast(arrays, perms=perms, dtypes=tuple(d.name for d in dtypes))):
+                self._done[i] = out
+        self._pending = []
+
+    def resolve(self, value: Any) -> Any:
+        """``value``, or the finished array when it is a :class:`Pending` placeholder (after :meth:`finish`)."""
+        return self._done[value.index] if isinstance(value, Pending) else value
 

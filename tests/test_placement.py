@@ -6,6 +6,7 @@ from __future__ import annotations
 import tracemalloc
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 import jlora
 from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
 from jlora.checkpoint import all_finite, read_safetensors, write_safetensors
+from jlora import placement
 from jlora.placement import derive, lora_axes, to_device
 from jlora.tree import adapted_modules
 
@@ -50,6 +52,37 @@ def test_to_device_matches_numpy(name, host, dtype):
     assert out.dtype == np.dtype(dtype) and out.shape == host.shape
     np.testing.assert_array_equal(np.asarray(out), host.astype(dtype))
     np.testing.assert_array_equal(host, before)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host transposes", "device transposes"])
+@pytest.mark.parametrize("name,host,dtype", _cases() + [("scalar", np.asarray(0.5, np.float32), np.float32)],
+                         ids=[c[0] for c in _cases()] + ["scalar"])
+def test_placer_put_matches_numpy(name, host, dtype, on_device, monkeypatch):
+    """One-device leaves: moved in the file's dtype (and, on accelerators, its memory order), then cast and
+    transposed in one call at finish. Forcing the accelerator path runs it on the CPU here."""
+    monkeypatch.setattr(placement, "transposes_on_device", lambda device: on_device)
+    before = np.array(host, copy=True)
+    placer = placement.Placer()
+    base = jnp.zeros(host.shape, np.float32)
+    placed = [placer.put(host, dtype, path=("m", f"x{i}"), base=base, axes=tuple(range(host.ndim))) for i in range(2)]
+    placer.finish()
+    for out in map(placer.resolve, placed):
+        assert isinstance(out, jax.Array) and out.dtype == np.dtype(dtype) and out.shape == host.shape
+        np.testing.assert_array_equal(np.asarray(out), host.astype(dtype))
+    np.testing.assert_array_equal(host, before)
+
+
+def test_device_transposes_load_the_same_tree(params, tmp_path, monkeypatch):
+    tensors = {k: v.astype(BF16) for k, v in llama_lora_tensors().items()}
+    folder = write_adapter(tmp_path / "a", tensors=tensors)
+    host = jlora.load(params, folder)
+    monkeypatch.setattr(placement, "transposes_on_device", lambda device: True)
+    moved = jlora.load(params, folder)
+    for (path, a), (_, b) in zip(adapted_modules(host), adapted_modules(moved)):
+        assert a.spec == b.spec and sorted(a) == sorted(b), path
+        for key in a:
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
 def test_lora_axes_follow_the_kernel_layout():
