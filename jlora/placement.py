@@ -285,9 +285,9 @@ class Placer:
         if transposes_on_device(device):  # the file's memory order travels, the transpose runs on the device
             order = _memory_order(host)
             array = jax.device_put(np.asarray(host_shard(host.transpose(order), (...,), moved), order="C"), sharding)
-        else:
+        else:  # (make_array_from_callback's transposing copy: ~1.7x faster than device_put's here)
             order = tuple(range(host.ndim))
-            array = jax.device_put(_unaliased(host_shard(host, (...,), moved)), sharding)
+            array = to_device(host, sharding, moved)
         perm = tuple(int(i) for i in np.argsort(order))
         if moved == dtype and perm == tuple(range(host.ndim)):
             return array
