@@ -210,7 +210,7 @@ def inference_section(cfg: dict, rounds: int, md: list[str], raw: dict) -> None:
     md += [f"Decoder bf16, hidden {cfg['hidden']}, {cfg['layers']} layers, intermediate {cfg['intermediate']}, vocab "
            f"{cfg['vocab']}; adapter r={RANK} on all 7 projections (`jlora.init`, B nonzero); batch 1. `wrap` = "
            "jlora.wrap with the default float32 adapter (PEFT's precision: the LoRA branch in float32); `bf16 "
-           "adapter` = `dtype=bfloat16`; `[W|A]` = the prototype above (not jlora; bf16). Ratios: median of "
+           "adapter` = `dtype=bfloat16`; `[W|A]` = a prototype, not jlora (`FusedLoraDense` in bench_gpu.py: A concatenated onto the kernel ahead of time, one matmul gives x@W and x@A; bf16). Ratios: median of "
            "per-round paired ratios [quartiles] (ratio of the fastest samples), variants interleaved; A/A = the base "
            "compiled twice. Max |difference| from the merged model's logits, for wrap / bf16 adapter / [W|A].", "",
            table(["T", "base", "wrap / base", "target <= 1.05", "bf16 adapter / base", "[W|A] / base",
