@@ -76,8 +76,10 @@ def lora_dropout(key: jax.Array | None, rate: float, site: int, name: str,
     return drop
 
 
-def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout_key: jax.Array | None = None,
+def _interceptor(specs: dict[int, ModuleSpec], probe: "_Probe | None", dropout_key: jax.Array | None = None,
                  adapter_ids: jax.Array | None = None):
+    """Adds each adapted module's side path to its output. ``probe``: an abstract trace that records which
+    sites ran their side path and which side paths raised (those are merged in the call instead)."""
     def intercept(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -86,15 +88,32 @@ def _interceptor(specs: dict[int, ModuleSpec], handled: set[int] | None, dropout
         if side is None:
             return next_fun(*args, **kwargs)
         index, entries = site
-        if handled is not None:
-            handled.add(index)
         y = next_fun(*args, **kwargs)
         drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path),
                             entries.get(LAYER_INDEX))
         ctx = CallContext(drop, adapter_ids)
-        return side(context.module, args, kwargs, y, entries, specs[index], ctx)
+        if probe is None:
+            return side(context.module, args, kwargs, y, entries, specs[index], ctx)
+        try:
+            out = side(context.module, args, kwargs, y, entries, specs[index], ctx)
+        except AdapterError:
+            raise
+        except Exception as err:  # noqa: BLE001 - this module is merged in the call; the warning says why
+            probe.failed[index] = f"{type(err).__name__}: {err}"
+            return y
+        probe.handled.add(index)
+        return out
 
     return intercept
+
+
+class _Probe:
+    """What the abstract trace of one argument structure found: the sites whose side path ran, and the error of
+    each side path that raised."""
+
+    def __init__(self):
+        self.handled: set[int] = set()
+        self.failed: dict[int, str] = {}
 
 
 def require_adapter_ids(nodes, adapter_ids: jax.Array | None) -> list[str]:
@@ -128,7 +147,7 @@ def wrap(fn: Callable) -> Callable:
         >>> fwd = jax.jit(jlora.wrap(model.__call__))
         >>> fwd(input_ids, params=jlora.load(model.params, "adapter_dir")).logits
     """
-    probed: dict[Any, frozenset[int]] = {}
+    probed: dict[Any, _Probe] = {}
     warned: set[str] = set()
 
     def rebuild(paths, leaves, treedef, sites, fallback):
@@ -144,11 +163,11 @@ def wrap(fn: Callable) -> Callable:
                     new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
-    def handled_sites(paths, leaves, treedef, sites, adapter_ids) -> frozenset[int]:
+    def handled_sites(paths, leaves, treedef, sites, adapter_ids) -> _Probe:
         """Which sites a side path consumes: found once per argument structure by an abstract trace."""
         if treedef in probed:
             return probed[treedef]
-        handled: set[int] = set()
+        probe = _Probe()
         arrays = [i for i, leaf in enumerate(leaves) if i not in sites and _is_array(leaf)]
 
         def run(array_leaves, nodes):
@@ -159,17 +178,17 @@ def wrap(fn: Callable) -> Callable:
                 full[i] = node
             args, kwargs = rebuild(paths, full, treedef, dict(zip(sites, nodes)), frozenset())
             specs = {i: n.spec for i, n in zip(sites, nodes)}
-            with nn.intercept_methods(_interceptor(specs, handled, None, adapter_ids)):
+            with nn.intercept_methods(_interceptor(specs, probe, None, adapter_ids)):
                 return fn(*args, **kwargs)
 
         try:
             jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
         except AdapterError:
             raise
-        except Exception:  # noqa: BLE001 - e.g. NNX's merge refuses the hidden entries: no side paths
-            handled.clear()
-        probed[treedef] = frozenset(handled)
-        return probed[treedef]
+        except Exception:  # noqa: BLE001 - fn itself refuses the hidden entries (NNX's merge): no side paths
+            probe.handled.clear()
+        probed[treedef] = probe
+        return probe
 
     @functools.wraps(fn)
     def wrapped(*args, lora_dropout_key: jax.Array | None = None, adapter_ids: jax.Array | None = None, **kwargs):
@@ -181,17 +200,24 @@ def wrap(fn: Callable) -> Callable:
         multi = require_adapter_ids(sites.values(), adapter_ids)
         lora_sites = {i for i, n in sites.items() if n.has_side_path}
         tied = {i for i in lora_sites if sites[i].spec.merged_in_call}
-        fallback = frozenset(lora_sites - handled_sites(paths, leaves, treedef, sites, adapter_ids)) if lora_sites \
-            else frozenset()
-        names = sorted(sites[i].spec.peft_name for i in fallback - tied)
+        probe = handled_sites(paths, leaves, treedef, sites, adapter_ids) if lora_sites else _Probe()
+        fallback = frozenset(lora_sites - probe.handled)
+        names = sorted(sites[i].spec.peft_name for i in fallback - tied - set(probe.failed))
+        failed = {sites[i].spec.peft_name: err for i, err in probe.failed.items() if i in fallback - tied}
         fallback |= tied
-        if multi and names:
-            raise AdapterError(f"mixed-adapter batches need a side path for every adapted module; {names} have none")
+        if multi and (names or failed):
+            raise AdapterError(f"mixed-adapter batches need a side path for every adapted module; {names} have none"
+                               + "".join(f"; {name}'s failed: {err}" for name, err in sorted(failed.items())))
         if names and tuple(names) not in warned:
             warned.add(tuple(names))
             warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
                           "their kernels are merged inside the call (for NNX models, jlora.nnx_model runs them "
                           "unmerged)", stacklevel=2)
+        if failed and ("failed",) + tuple(failed) not in warned:
+            warned.add(("failed",) + tuple(failed))
+            warnings.warn("jlora.wrap: the unmerged side path raised for " + "; ".join(
+                f"{name} ({err})" for name, err in sorted(failed.items())) + "; those kernels are merged inside the "
+                "call instead", stacklevel=2)
         dropped = sorted(sites[i].spec.peft_name for i in fallback - tied
                          if sites[i].spec.has_lora and sites[i].spec.dropout > 0)
         if lora_dropout_key is not None and dropped and ("dropout",) + tuple(dropped) not in warned:

@@ -84,6 +84,24 @@ def test_fallback_warning_is_given_once(setup):
     assert sum("no unmerged side path" in str(w.message) for w in caught) == 1
 
 
+def test_a_side_path_that_raises_is_merged_and_named(setup, monkeypatch):
+    """A side path failing inside the call (a bug, or a case it cannot run) is not hidden behind the "module class
+    without one" warning: the warning names the error, and that module is merged in the call instead."""
+    x, _, lp, expected = setup
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(jlora.side_paths, "dense_side", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = jax.jit(jlora.wrap(Net().apply))({"params": lp}, x)
+    messages = [str(w.message) for w in caught]
+    assert any("side path raised for out (RuntimeError: boom)" in m for m in messages), messages
+    assert any("no unmerged side path for ['raw']" in m for m in messages)  # the module class without one
+    np.testing.assert_allclose(got, Net().apply({"params": expected}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_on_merged_fallback_is_reported(setup):
     x, _, lp, _ = setup
     lp = dict(lp, raw=AdaptedModule(dict(lp["raw"]), dataclasses.replace(lp["raw"].spec, dropout=0.1)))
