@@ -16,7 +16,8 @@ on the device: half the transfer, no host pass). A leaf on one device is read st
 memory-mapped file; on an accelerator it travels in the file's memory order and is transposed there,
 on the CPU the copy into the device buffer transposes it. The casts and transposes of all such leaves
 then run as one jitted call in :meth:`Placer.finish` (one dispatch per load instead of one per leaf;
-:meth:`Placer.put` hands back a placeholder that :meth:`Placer.resolve` swaps for the array). A sharded
+:meth:`Placer.put` hands back a placeholder that :meth:`Placer.resolve` swaps for the array; the moved
+copies and the results are held together for that call). A sharded
 leaf: every addressable device's shard is read from the host array and transposed by its copy, then
 cast on the devices. No other host copy is made and no process reads more than its devices' shards.
 Device arrays never alias the memory-mapped file (jax would on CPU): rewriting the file in place later
