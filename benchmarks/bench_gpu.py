@@ -47,13 +47,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK, ALPHA = 16, 32
 
 
-class FusedLoraDense(nn.Module):
-    """Prototype, not jlora: ``kernel`` is ``[W | A]`` (in, out + r), concatenated ahead of time, so one
-    matmul gives ``x @ W`` and ``x @ A``; then ``y = z[:, :out] + s * z[:, out:] @ B`` (bfloat16 throughout)."""
+class LoraDensePrototype(nn.Module):
+    """The fields of the hand-written LoRA layers these benchmarks compare jlora with (not jlora)."""
     features: int
     rank: int
     scale: float
     dtype: jnp.dtype
+
+
+class FusedLoraDense(LoraDensePrototype):
+    """Prototype, not jlora: ``kernel`` is ``[W | A]`` (in, out + r), concatenated ahead of time, so one
+    matmul gives ``x @ W`` and ``x @ A``; then ``y = z[:, :out] + s * z[:, out:] @ B`` (bfloat16 throughout)."""
 
     @nn.compact
     def __call__(self, x):

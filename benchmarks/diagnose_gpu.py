@@ -25,17 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_gpu
-from bench_gpu import FULL, TINY, RANK, ALPHA, TARGETS, Decoder, flat, nest
+from bench_gpu import ALPHA, FULL, RANK, TARGETS, TINY, Decoder, LoraDensePrototype, flat, nest
 from common import fmt_ratio, interleaved, paired_ratio
 import jlora
 
 
-class InlineLoraDense(nn.Module):
+class InlineLoraDense(LoraDensePrototype):
     """Not jlora: the LoRA term written inside the module in the kernel's dtype, scale applied to x@A."""
-    features: int
-    rank: int
-    scale: float
-    dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x):
