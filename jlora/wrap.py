@@ -201,7 +201,7 @@ def wrap(fn: Callable) -> Callable:
         lora_sites = {i for i, n in sites.items() if n.has_side_path}
         tied = {i for i in lora_sites if sites[i].spec.merged_in_call}
         probe = handled_sites(paths, leaves, treedef, sites, adapter_ids) if lora_sites else _Probe()
-        fallback = frozenset(lora_sites - probe.handled)
+        fallback = frozenset(lora_sites - (probe.handled - set(probe.failed)))  # (a site called twice may do both)
         names = sorted(sites[i].spec.peft_name for i in fallback - tied - set(probe.failed))
         failed = {sites[i].spec.peft_name: err for i, err in probe.failed.items() if i in fallback - tied}
         fallback |= tied
