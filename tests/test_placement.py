@@ -61,6 +61,7 @@ def test_placer_put_matches_numpy(name, host, dtype, on_device, monkeypatch):
     """One-device leaves: moved in the file's dtype (and, on accelerators, its memory order), then cast and
     transposed in one call at finish. Forcing the accelerator path runs it on the CPU here."""
     monkeypatch.setattr(placement, "transposes_on_device", lambda device: on_device)
+    monkeypatch.setattr(placement, "CAST_CHUNK", 1)  # the two leaves below: one compiled call each
     before = np.array(host, copy=True)
     placer = placement.Placer()
     base = jnp.zeros(host.shape, np.float32)
