@@ -313,6 +313,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds: a section is not started after this much time has passed")
+    parser.add_argument("--sections", default="inference,mixed batch,PEFT,load",
+                        help="comma-separated: inference, mixed batch, PEFT, load")
     parser.add_argument("--out", default=os.environ.get("OUT", str(HERE)))
     args = parser.parse_args()
     cfg = TINY if args.tiny else FULL
@@ -333,6 +335,8 @@ def main() -> int:
                 ("PEFT", lambda: peft_section(cfg, rounds, md, raw)),
                 ("load", lambda: load_section(md, raw))]
     for title, section in sections:
+        if title not in args.sections.split(","):
+            continue
         elapsed = time.perf_counter() - t_start
         if elapsed > args.budget:
             md += [f"({title}: not run, {elapsed:.0f} s had passed)", ""]
