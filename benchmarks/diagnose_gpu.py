@@ -33,11 +33,16 @@ import jlora
 class InlineLoraDense(LoraDensePrototype):
     """Not jlora: the LoRA term written inside the module in the kernel's dtype, scale applied to x@A."""
 
+    def factors(self, x):
+        """The kernel, A and B parameters."""
+        zeros = nn.initializers.zeros
+        return (self.param("kernel", zeros, (x.shape[-1], self.features), self.dtype),
+                self.param("lora_A", zeros, (x.shape[-1], self.rank), self.dtype),
+                self.param("lora_B", zeros, (self.rank, self.features), self.dtype))
+
     @nn.compact
     def __call__(self, x):
-        w = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features), self.dtype)
-        a = self.param("lora_A", nn.initializers.zeros, (x.shape[-1], self.rank), self.dtype)
-        b = self.param("lora_B", nn.initializers.zeros, (self.rank, self.features), self.dtype)
+        w, a, b = self.factors(x)
         return x @ w + ((x @ a) * jnp.asarray(self.scale, self.dtype)) @ b
 
 
@@ -47,9 +52,7 @@ class ConcatLoraDense(InlineLoraDense):
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features), self.dtype)
-        a = self.param("lora_A", nn.initializers.zeros, (x.shape[-1], self.rank), self.dtype)
-        b = self.param("lora_B", nn.initializers.zeros, (self.rank, self.features), self.dtype)
+        w, a, b = self.factors(x)
         xa = (x @ a) * jnp.asarray(self.scale, self.dtype)
         return jnp.concatenate([x, xa], axis=-1) @ jnp.concatenate([w, b], axis=0)
 

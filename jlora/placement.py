@@ -284,16 +284,16 @@ class Placer:
         if len(sharding.device_set) > 1:
             return to_device(host, sharding, dtype, inspect)
         host = host if isinstance(host, np.ndarray) else np.asarray(host)
-        if inspect is not None:
-            inspect(host)
         moved = _transfer_dtype(host.dtype, dtype)
         (device,) = sharding.device_set
         if transposes_on_device(device):  # the file's memory order travels, the transpose runs on the device
+            if inspect is not None:
+                inspect(host)
             order = _memory_order(host)
             array = jax.device_put(np.asarray(host_shard(host.transpose(order), (...,), moved), order="C"), sharding)
         else:  # (make_array_from_callback's transposing copy: ~1.7x faster than device_put's here)
             order = tuple(range(host.ndim))
-            array = to_device(host, sharding, moved)
+            array = to_device(host, sharding, moved, inspect)
         perm = tuple(int(i) for i in np.argsort(order))
         if moved == dtype and perm == tuple(range(host.ndim)):
             return array

@@ -76,7 +76,16 @@ def lora_dropout(key: jax.Array | None, rate: float, site: int, name: str,
     return drop
 
 
-def _interceptor(specs: dict[int, ModuleSpec], probe: "_Probe | None", dropout_key: jax.Array | None = None,
+class _Probe:
+    """What the abstract trace of one argument structure found: the sites whose side path ran, and the error of
+    each side path that raised."""
+
+    def __init__(self):
+        self.handled: set[int] = set()
+        self.failed: dict[int, str] = {}
+
+
+def _interceptor(specs: dict[int, ModuleSpec], probe: _Probe | None, dropout_key: jax.Array | None = None,
                  adapter_ids: jax.Array | None = None):
     """Adds each adapted module's side path to its output. ``probe``: an abstract trace that records which
     sites ran their side path and which side paths raised (those are merged in the call instead)."""
@@ -105,15 +114,6 @@ def _interceptor(specs: dict[int, ModuleSpec], probe: "_Probe | None", dropout_k
         return out
 
     return intercept
-
-
-class _Probe:
-    """What the abstract trace of one argument structure found: the sites whose side path ran, and the error of
-    each side path that raised."""
-
-    def __init__(self):
-        self.handled: set[int] = set()
-        self.failed: dict[int, str] = {}
 
 
 def require_adapter_ids(nodes, adapter_ids: jax.Array | None) -> list[str]:
