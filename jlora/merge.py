@@ -133,6 +133,7 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     else:
         factors, in_axes = _layer_first(dict(node), spec), tuple(range(1, spec.in_ndim + 1))
         delta = jax.vmap(one_layer)(scaled_a(factors), factors[LORA_B])
+    delta = _as_peft_rounds(delta, node[LORA_A].dtype)
     merged = weight + delta
     if spec.dora:
         factor = dora_factor(weight, delta, factors[MAGNITUDE], in_axes)
@@ -141,8 +142,15 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     if LORA_BIAS in node:
         bias = children["bias"]
         lora_bias = node[RANK_SCALE] * node[LORA_BIAS].astype(jnp.float32)  # lora_bias: simple modules only
+        lora_bias = _as_peft_rounds(lora_bias, node[LORA_BIAS].dtype)
         children["bias"] = (bias.astype(jnp.float32) + lora_bias).astype(bias.dtype)
     return children
+
+
+def _as_peft_rounds(delta: jax.Array, adapter_dtype: Any) -> jax.Array:
+    """A float32 delta (``s * A @ B`` or a scaled lora_bias) rounded to the adapter's dtype first, as PEFT's merge
+    of a bf16/fp16 adapter computes it, then added to the base weight (identity for float32 adapters)."""
+    return delta.astype(adapter_dtype).astype(jnp.float32)
 
 
 @jax.jit

@@ -2,8 +2,8 @@
 
 Each side path gets the module, its input, the base output ``y`` (computed by the module itself)
 and the adapter entries; it never forms ``W + s * A @ B`` (DoRA's weight norm aside, as in PEFT).
-PEFT's precision: x is cast to the adapter's dtype, the LoRA term is added in that dtype, and the
-sum is cast back to ``y``'s dtype. Mixed batches over modules that several adapters replace
+PEFT's precision: x is cast to the adapter's dtype, the scaled LoRA term is rounded to that dtype
+and added to ``y`` (in the wider of the two dtypes), and the sum is cast back to ``y``'s dtype. Mixed batches over modules that several adapters replace
 (``modules_to_save``, trainable tokens) run :func:`per_adapter_side` for any module class.
 
 Example:
@@ -84,8 +84,8 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
     if LORA_BIAS in entries and not spec.adapters:  # simple modules only: a scalar scale (several adapters:
         lora = lora + entries[LORA_BIAS]               # added per example by _contract)
-    if MAGNITUDE not in entries:
-        return (y + scale * lora).astype(y.dtype)
+    if MAGNITUDE not in entries:  # PEFT: lora * scale rounded to the adapter's dtype, then added to y
+        return (y + (scale * lora).astype(lora.dtype)).astype(y.dtype)
     spec = _unstacked(spec, entries)
     kernel = to_canonical(module.get_variable("params", spec.kernel_key), spec)
     delta = factor_delta(scaled_a(entries), _b(entries, spec))

@@ -111,11 +111,12 @@ class ModuleSpec:
 class AdaptedModule(Mapping):
     """One module's parameters with its adapter tensors (see module docstring)."""
 
-    __slots__ = ("_children", "spec")
+    __slots__ = ("_children", "spec", "_aux")
 
     def __init__(self, children: Mapping[str, Any], spec: ModuleSpec):
-        self._children = dict(children)
+        self._children = {k: children[k] for k in sorted(children)}  # sorted: jax flattens them in this order
         self.spec = spec
+        self._aux = (tuple(self._children), spec)  # the pytree metadata, built once (jit flattens on every call)
 
     def __getitem__(self, key: str) -> Any:
         return self._children[key]
@@ -150,8 +151,7 @@ class AdaptedModule(Mapping):
 
 
 def _flatten_with_keys(node: AdaptedModule):
-    keys = tuple(sorted(node._children))
-    return [(jax.tree_util.DictKey(k), node._children[k]) for k in keys], (keys, node.spec)
+    return [(jax.tree_util.DictKey(k), v) for k, v in node._children.items()], node._aux
 
 
 def _unflatten(aux, children) -> AdaptedModule:
@@ -161,7 +161,7 @@ def _unflatten(aux, children) -> AdaptedModule:
 
 jax.tree_util.register_pytree_with_keys(
     AdaptedModule, _flatten_with_keys, _unflatten,
-    flatten_func=lambda n: ([n._children[k] for k in sorted(n._children)], (tuple(sorted(n._children)), n.spec)),
+    flatten_func=lambda n: (n._children.values(), n._aux),
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,65 @@ def test_adapter_dtype_argument(tmp_path):
     twin = build_twin(tmp_path, torch_cls, flax_cls, cfg, dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
     lp = jlora.load(twin.flax_model.params, twin.adapter_dir, dtype=jnp.bfloat16)
     assert lp["model"]["layers"]["1"]["self_attn"]["q_proj"]["lora_B"].dtype == jnp.bfloat16
+
+
+def _small_ints(gen: torch.Generator, shape: tuple, bound: int) -> torch.Tensor:
+    return torch.randint(-bound, bound + 1, shape, generator=gen).to(torch.bfloat16)
+
+
+class _OneDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(24, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, name="proj")(x)
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_bf16_adapter_rounds_like_peft(tmp_path, lora_bias):
+    """A bf16 adapter on a bf16 layer (PEFT's autocast_adapter_dtype=False): PEFT rounds ``lora * scaling`` to bf16
+    before adding it to the base output. Small integer weights and inputs make every matmul exact in bf16 on both
+    sides and scaling = 1/3 is not, so the order of the roundings shows: equal bit for bit, unmerged and merged."""
+    import peft
+
+    gen = torch.Generator().manual_seed(0)
+    base = _OneLinear().to(torch.bfloat16)
+    with torch.no_grad():
+        base.proj.weight.copy_(_small_ints(gen, (24, 16), 3))
+        base.proj.bias.copy_(_small_ints(gen, (24,), 3))
+    params = {"proj": {"kernel": jnp.asarray(base.proj.weight.detach().float().numpy().T, jnp.bfloat16),
+                       "bias": jnp.asarray(base.proj.bias.detach().float().numpy(), jnp.bfloat16)}}
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=1, target_modules=["proj"], lora_bias=lora_bias),
+                             autocast_adapter_dtype=False)
+    layer = pm.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(_small_ints(gen, (3, 16), 2))
+        layer.lora_B["default"].weight.copy_(_small_ints(gen, (24, 3), 2))
+        if lora_bias:
+            layer.lora_B["default"].bias.copy_(_small_ints(gen, (24,), 2))
+    pm.save_pretrained(tmp_path)
+    x = _small_ints(gen, (2, 7, 16), 1)
+    with torch.no_grad():
+        want = pm(x).float().numpy()
+        plain = base.proj.base_layer(x).float().numpy()
+
+    lora_params = jlora.load(params, tmp_path, dtype=jnp.bfloat16)
+    got = jax.jit(jlora.wrap(_OneDense().apply))({"params": lora_params}, jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    assert not np.array_equal(plain, want)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+    merged = jlora.merge(lora_params)["proj"]  # PEFT's merge rounds s * B @ A (and s * lora_B.bias) to bf16 first
+    peft_merged = pm.merge_and_unload().proj
+    np.testing.assert_array_equal(np.asarray(merged["kernel"], np.float32), peft_merged.weight.detach().float().numpy().T)
+    np.testing.assert_array_equal(np.asarray(merged["bias"], np.float32), peft_merged.bias.detach().float().numpy())
 
 
 def test_vit_conv_and_linear_parity(tmp_path):
