@@ -73,6 +73,27 @@ def test_placer_put_matches_numpy(name, host, dtype, on_device, monkeypatch):
     np.testing.assert_array_equal(host, before)
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host transposes", "device transposes"])
+@pytest.mark.parametrize("name,host,dtype", _cases(), ids=[c[0] for c in _cases()])
+def test_placer_names_every_nonfinite_leaf(name, host, dtype, on_device, monkeypatch):
+    """NaN/Inf are found on every path: on the host as the leaf is read, or in finish's cast of a pending leaf;
+    all the bad leaves in one error, the finite ones not named."""
+    monkeypatch.setattr(placement, "transposes_on_device", lambda device: on_device)
+    monkeypatch.setattr(placement, "CAST_CHUNK", 2)
+    bad = {}
+    for i, value in enumerate([np.nan, np.inf, -np.inf]):
+        x = host.copy(order="K")  # keeps a transposed leaf's memory order
+        x.flat[-1 - i] = value
+        bad[f"bad{i}"] = x
+    placer = placement.Placer(check_finite=True)
+    base = jnp.zeros(host.shape, np.float32)
+    for key, x in [("good0", host), *bad.items(), ("good1", host)]:
+        placer.put(x, dtype, path=("m", key), base=base, axes=tuple(range(host.ndim)), key=key)
+    with pytest.raises(jlora.CheckpointError, match="NaN or Inf") as err:
+        placer.finish()
+    assert err.value.problems == sorted(bad)
+
+
 def test_device_transposes_load_the_same_tree(params, tmp_path, monkeypatch):
     tensors = {k: v.astype(BF16) for k, v in llama_lora_tensors().items()}
     folder = write_adapter(tmp_path / "a", tensors=tensors)
