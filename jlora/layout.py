@@ -130,6 +130,14 @@ class Placement:
     out_order: tuple[int, ...] = (0,)
     a_tail: tuple[int, ...] = ()  # PEFT's lora_A shape after r
     b_tail: tuple[int, ...] = ()  # PEFT's lora_B shape after (out, r)
+    # a grouped convolution's feature groups: PEFT's lora_A then reads all input channels (in = groups x the
+    # kernel's), and its lora_B is a grouped 1x1 conv (out, r / groups, 1...), stored here block-diagonal (r, out)
+    groups: int = 1
+
+    def with_groups(self, groups: int) -> "Placement":
+        """This placement for a LoRA on a convolution with ``groups`` feature groups (see ``groups``)."""
+        grow = lambda sizes: (sizes[0] * groups, *sizes[1:])  # noqa: E731  (input channels: torch's first in axis)
+        return dataclasses.replace(self, groups=groups, in_sizes=grow(self.in_sizes), a_tail=grow(self.a_tail))
 
     # ---- PEFT factors <-> canonical factors ---------------------------------------------------
     def a_to_canonical(self, a: np.ndarray) -> np.ndarray:
@@ -138,7 +146,14 @@ class Placement:
         return a.transpose(*(1 + i for i in self.in_order), 0)
 
     def b_to_canonical(self, b: np.ndarray) -> np.ndarray:
-        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part)."""
+        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part); a grouped conv's
+        (out, r / groups, 1...) -> its block-diagonal (r, out)."""
+        if self.groups > 1:
+            out, per_group = b.shape[0] // self.groups, b.shape[1]
+            full = np.zeros((b.shape[0], per_group * self.groups, *b.shape[2:]), b.dtype)
+            for g in range(self.groups):
+                full[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group] = b[g * out:(g + 1) * out]
+            b = full
         b = b.reshape(*self.out_sizes, b.shape[1])
         return b.transpose(len(self.out_sizes), *self.out_order)
 
@@ -154,7 +169,18 @@ class Placement:
     def b_to_torch(self, b) -> np.ndarray:
         b = np.asarray(b)
         inverse = np.argsort(self.out_order)
-        return b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
+        b = b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
+        if self.groups > 1:  # the diagonal blocks, as a grouped conv's weight
+            out, per_group = b.shape[0] // self.groups, b.shape[1] // self.groups
+            b = np.concatenate([b[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group] for g in range(self.groups)])
+        return b
+
+    def off_block_b(self, b) -> np.ndarray:
+        """A grouped conv's canonical ``(r, out)`` lora_B entries outside its diagonal blocks (they stay zero)."""
+        b = np.asarray(b)
+        out, per_group = b.shape[1] // self.groups, b.shape[0] // self.groups
+        blocks = np.kron(np.eye(self.groups, dtype=bool), np.ones((per_group, out), bool))
+        return b[~blocks]
 
     def out_to_torch(self, v) -> np.ndarray:
         return np.asarray(v).transpose(np.argsort(self.out_order)).reshape(-1)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import AdapterError
+from .errors import AdapterError, UnsupportedAdapterError
 from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec,
                    is_adapted, keyed)
 
@@ -29,7 +29,16 @@ def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
 
 def part_masked_b(b: jax.Array, spec: ModuleSpec) -> jax.Array:
     """One layer's ``lora_B`` (r, outputs...) of a fused kernel with everything outside each part's
-    own block of rank rows zeroed, so training never grows cross-part terms (identity if unfused)."""
+    own block of rank rows zeroed, so training never grows cross-part terms; a grouped convolution's
+    with everything outside its diagonal blocks zeroed (identity otherwise)."""
+    grouped = [s for s in spec.sources if s.placement.groups > 1]
+    if grouped:
+        (source,) = grouped
+        groups, rank = source.placement.groups, source.rank
+        blocks = np.kron(np.eye(groups, dtype=np.float32), np.ones((rank // groups, b.shape[1] // groups), np.float32))
+        mask = np.zeros(b.shape, np.float32)
+        mask[source.offset:source.offset + rank] = blocks
+        return b * jnp.asarray(mask, b.dtype)
     fused = [s for s in spec.sources if s.placement.part_axis is not None]
     if not fused:
         return b
@@ -114,6 +123,16 @@ def plain_module(node: AdaptedModule) -> dict[str, Any]:
     return children
 
 
+_GROUPED_NO_MERGE = ("LoRA on a grouped convolution cannot be merged (its lora_A reads every input channel, the "
+                     "kernel only its group's; PEFT refuses too). Run it unmerged with jlora.wrap")
+
+
+def is_grouped(spec: ModuleSpec) -> bool:
+    """Whether the module's LoRA (any of its adapters') sits on a grouped convolution (``layout.Placement.groups``)."""
+    own = [spec] + [s for _, s, _ in spec.adapters if s is not None]
+    return any(source.placement.groups > 1 for s in own for source in s.sources)
+
+
 def merged_module(node: AdaptedModule) -> dict[str, Any]:
     """The module's parameters with everything folded in, as PEFT's ``merge_and_unload``. A replaced
     embedding table goes into the one leaf, which a tied output head reads too (see :func:`merge`)."""
@@ -124,6 +143,8 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     children = with_token_rows(node, node.base_children())
     if not spec.has_lora:
         return children
+    if is_grouped(spec):
+        raise UnsupportedAdapterError(f"{spec.peft_name}: {_GROUPED_NO_MERGE}")
     kernel = children[spec.kernel_key]
     weight = to_canonical(kernel, spec).astype(jnp.float32)
     one_layer = lambda a, b: factor_delta(a, part_masked_b(b, spec))  # noqa: E731
@@ -168,6 +189,9 @@ def merge(lora_params: Any) -> Any:
     pairs, treedef = keyed(lora_params)
     leaves = [leaf for _, leaf in pairs]
     where = [i for i, leaf in enumerate(leaves) if is_adapted(leaf)]
+    grouped = [leaves[i].spec.peft_name for i in where if is_grouped(leaves[i].spec)]
+    if grouped:
+        raise UnsupportedAdapterError(f"jlora.merge: {_GROUPED_NO_MERGE}", grouped)
     tied = sorted(leaves[i].spec.peft_name for i in where if BASE_TABLE in leaves[i])
     if tied:
         warnings.warn(f"jlora.merge: {tied} replace an embedding table (modules_to_save) that this model's output "

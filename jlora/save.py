@@ -61,6 +61,10 @@ def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) 
                            "for another adapter (pad_rank makes different ranks share one). Rebuild it with "
                            "jlora.combine(trainable, frozen), `frozen` taken from this adapter's own load/init")
     a, b = children[LORA_A][..., cols], children[LORA_B][cols]
+    if pl.groups > 1 and np.any(pl.off_block_b(b)):
+        raise AdapterError(f"save: {source.peft_name} is a grouped convolution's LoRA (groups={pl.groups}), but its "
+                           "lora_B has nonzero values outside its diagonal blocks, which PEFT's grouped lora_B cannot "
+                           "hold (train it through jlora.wrap, which keeps them zero)")
     out_axis = None if pl.part_axis is None else pl.part_axis - pl.in_ndim
     if out_axis is not None:
         b = np.take(b, pl.part, axis=1 + out_axis)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .merge import dora_factor, factor_delta, part_masked_b, scaled_a, to_canonical
+from .merge import dora_factor, factor_delta, is_grouped, part_masked_b, scaled_a, to_canonical
 from .errors import AdapterError
 from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, ModuleSpec
 
@@ -209,7 +209,8 @@ def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout
 def conv_side(module, args, kwargs, y, entries, spec, ctx):
     x = ctx.lora_input(_input(args, kwargs), entries)
     a = entries[LORA_A]
-    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype)
+    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype,
+                        feature_group_count=1)  # (a grouped conv's lora_A reads every input channel, as PEFT's)
     if spec.adapters:  # each example convolved with its adapter's (kernel..., in, r) slice
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.vmap(lambda kernel, xb: down.apply({"params": {"kernel": kernel}}, xb[None])[0])(a[idx], x)
@@ -273,6 +274,8 @@ def side_for(module: nn.Module | nnx.Module, spec: ModuleSpec) -> SidePath | Non
     module class), else the module class's (:func:`side_path_for`)."""
     if spec.adapters and not spec.has_lora:
         return per_adapter_side
+    if isinstance(module, nn.Conv) and module.feature_group_count > 1 and is_grouped(spec):
+        return conv_side  # PEFT's LoRA on a grouped conv: a full conv to rank r, then a grouped 1x1 (block-diagonal B)
     return side_path_for(module)
 
 

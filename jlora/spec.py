@@ -178,9 +178,15 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             out_total = int(np.prod(placement.out_sizes))
             grouped = placement.b_tail and a[:1] == (rank,) and len(b) > 1 and 0 < b[1] < rank and rank % b[1] == 0
             if grouped:  # PEFT gives a grouped conv's lora_B the base layer's groups: (out, r / groups, 1, ...)
-                problems.append(f"{name}: LoRA on a grouped convolution (groups={rank // b[1]}: lora_B {list(b)}) "
-                                "is not supported")
-                continue
+                placement = placement.with_groups(rank // b[1])
+                target.placement = placement
+                if "magnitude" in roles or placement.stacked:
+                    problems.append(f"{name}: LoRA on a grouped convolution (groups={placement.groups}) with "
+                                    f"{'DoRA' if 'magnitude' in roles else 'stacked layers'} is not supported")
+                    continue
+                b = (b[0], rank, *b[2:])  # (checked as its block-diagonal (out, r) below)
+                if out_total % placement.groups:
+                    problems.append(f"{name}: {out_total} output channels do not split into {placement.groups} groups")
             if a[:1] != (rank,) or b[1:2] != (rank,):
                 problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
                                 f"the config gives rank {rank}")

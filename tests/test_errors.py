@@ -200,15 +200,17 @@ def test_config_dataclass_round_trip():
         jlora.LoraConfig.from_dict(cfg.to_dict())
 
 
-def test_grouped_convolution_is_refused_clearly(tmp_path):
-    """PEFT gives a grouped conv's lora_B the layer's groups; jlora says so instead of a rank mismatch."""
+def test_dora_on_a_grouped_convolution_is_refused_clearly(tmp_path):
+    """LoRA on grouped convs loads (tests/test_grouped_conv.py), DoRA on them does not: PEFT computes their weight
+    norm from lora_B @ lora_A reshaped as if ungrouped, which is no weight norm of the layer. Only that conv named."""
     import transformers as tf
     from peft_twin import build_twin
 
     cfg = tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     twin = build_twin(tmp_path, tf.RegNetForImageClassification, tf.FlaxRegNetForImageClassification, cfg,
-                      dict(r=4, lora_alpha=8, target_modules=["convolution"]), inputs={"pixel_values": pixels})
-    with pytest.raises(jlora.TargetMismatchError, match=r"grouped convolution \(groups=2") as err:
+                      dict(r=4, lora_alpha=8, target_modules=["convolution"], use_dora=True),
+                      inputs={"pixel_values": pixels})
+    with pytest.raises(jlora.TargetMismatchError, match=r"grouped convolution \(groups=2\) with DoRA") as err:
         jlora.load(twin.flax_model.params, twin.adapter_dir)
-    assert "config gives rank" not in str(err.value)
+    assert len(err.value.problems) == 1 and "stages.1.layers.0.layer.1.convolution" in err.value.problems[0]

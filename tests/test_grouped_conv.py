@@ -1,0 +1,128 @@
+"""LoRA on grouped convolutions (PEFT: lora_A a full conv to rank r, lora_B a grouped 1x1 conv, unmerged only),
+against the real peft on a tiny RegNet whose bottleneck 3x3 convs have groups=2."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers as tf
+from safetensors.torch import load_file
+
+import jlora
+from jlora.tree import LORA_B
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
+
+GROUPED = "base_model.model.regnet.encoder.stages.1.layers.0.layer.1.convolution"  # groups=2 (16 channels, width 8)
+
+
+def _twin(tmp_path, seed: int = 0, **lora):
+    cfg = tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    return build_twin(tmp_path, tf.RegNetForImageClassification, tf.FlaxRegNetForImageClassification, cfg,
+                      dict(r=4, lora_alpha=8, target_modules=["convolution"], **lora), inputs={"pixel_values": pixels}, seed=seed)
+
+
+def _grouped_layer(tree):
+    return tree["params"]["regnet"]["encoder"]["stages"]["1"]["layers"]["0"]["layer"]["1"]
+
+
+def _grouped_node(tree):
+    return _grouped_layer(tree)["convolution"]
+
+
+def test_grouped_conv_parity_and_round_trip(tmp_path):
+    twin = _twin(tmp_path)
+    file = load_file(twin.adapter_dir / "adapter_model.safetensors")
+    assert file[f"{GROUPED}.lora_B.weight"].shape == (16, 2, 1, 1)  # r / groups: PEFT's grouped lora_B
+    assert file[f"{GROUPED}.lora_A.weight"].shape == (4, 16, 3, 3)  # every input channel
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    node = _grouped_node(lora_params)
+    assert node["kernel"].shape == (3, 3, 8, 16) and node["lora_A"].shape == (3, 3, 16, 4)
+    assert node[LORA_B].shape == (4, 16)
+    assert rel_err(flax_logits_plain(twin, twin.flax_model.params), want) > 1e-2
+    assert rel_err(flax_logits_wrapped(twin, lora_params), want) <= 1e-4
+
+    out = jlora.save(lora_params, tmp_path / "saved")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(file)
+    for key, value in file.items():
+        np.testing.assert_array_equal(saved[key].numpy(), value.numpy(), err_msg=key)
+    again = peft_loads_cleanly(twin.torch_base, out)
+    assert rel_err(torch_logits(again.eval(), twin.inputs), want) <= 1e-6
+
+
+def test_grouped_conv_is_not_merged(tmp_path):
+    twin = _twin(tmp_path)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    with pytest.raises(jlora.UnsupportedAdapterError, match="grouped convolution cannot be merged") as err:
+        jlora.merge(lora_params)
+    assert err.value.problems == [GROUPED.removeprefix("base_model.model.")]
+    with pytest.raises(jlora.UnsupportedAdapterError, match="pad_rank") as err:
+        jlora.load(twin.flax_model.params, twin.adapter_dir, pad_rank=8)
+    assert err.value.problems == [GROUPED.removeprefix("base_model.model.")]
+
+
+def test_grouped_conv_training_keeps_the_blocks(tmp_path):
+    """Training through jlora.wrap never moves lora_B off its diagonal blocks, so the result saves in PEFT's
+    grouped layout, and PEFT runs it as jlora does."""
+    twin = _twin(tmp_path)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    forward = jlora.wrap(twin.flax_model.__call__)
+    trainable, frozen = jlora.split(lora_params)
+    pixels = twin.inputs["pixel_values"]
+    target = jnp.asarray([0, 2])
+
+    def loss(tr):
+        logits = forward(pixel_values=pixels, params=jlora.combine(tr, frozen)).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+
+    tx = optax.adam(1e-2)
+    state = tx.init(trainable)
+
+    @jax.jit
+    def step(tr, state):
+        grads = jax.grad(loss)(tr)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(tr, updates), state, grads
+
+    first = loss(trainable)
+    for _ in range(5):
+        trainable, state, grads = step(trainable, state)
+    grad_b = np.asarray(_grouped_node(grads)[LORA_B])
+    blocks = np.kron(np.eye(2, dtype=bool), np.ones((2, 8), bool))
+    assert np.any(grad_b[blocks]) and not np.any(grad_b[~blocks])
+    assert float(loss(trainable)) < float(first)
+    trained = jlora.combine(trainable, frozen)
+    out = jlora.save(trained, tmp_path / "trained")
+    pm = peft_loads_cleanly(twin.torch_base, out).eval()
+    assert rel_err(flax_logits_wrapped(twin, trained), torch_logits(pm, twin.inputs)) <= 1e-4
+
+    broken = jax.tree_util.tree_map(lambda x: x, trained)
+    node = _grouped_node(broken)
+    off_block = node.replace(**{LORA_B: node[LORA_B].at[0, 15].set(1.0)})
+    _grouped_layer(broken)["convolution"] = off_block
+    with pytest.raises(jlora.AdapterError, match="outside its diagonal blocks"):
+        jlora.save(broken, tmp_path / "broken")
+    assert not (tmp_path / "broken" / "adapter_model.safetensors").exists()
+
+
+def test_grouped_conv_in_a_mixed_batch(tmp_path):
+    """Two adapters on the grouped conv, one batch: each row as its adapter alone (and -1 as the base)."""
+    twin = _twin(tmp_path / "a")
+    other = _twin(tmp_path / "b", seed=1)
+    params = twin.flax_model.params
+    both = jlora.load(params, {"a": twin.adapter_dir, "b": other.adapter_dir})
+    forward = jax.jit(jlora.wrap(twin.flax_model.__call__))
+    pixels = np.concatenate([twin.inputs["pixel_values"]] * 2)[:3]
+    mixed = np.asarray(forward(pixel_values=pixels, params=both, adapter_ids=jnp.asarray([0, 1, -1])).logits)
+    for row, (source, name) in enumerate([(twin.adapter_dir, "a"), (other.adapter_dir, "b")]):
+        alone = np.asarray(forward(pixel_values=pixels[row:row + 1], params=jlora.load(params, source)).logits)
+        assert rel_err(mixed[row:row + 1], alone) <= 1e-5, name
+        other_adapter = np.asarray(forward(pixel_values=pixels[row:row + 1],
+                                           params=jlora.load(params, [other, twin][row].adapter_dir)).logits)
+        assert rel_err(mixed[row:row + 1], other_adapter) > 1e-3, name
+    base = np.asarray(twin.flax_model(pixel_values=pixels[2:], params=params).logits)
+    assert rel_err(mixed[2:], base) <= 1e-5
