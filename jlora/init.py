@@ -30,6 +30,10 @@ from .tree import as_param_tree, iter_modules
 
 
 def _module_names(params: Mapping) -> dict[str, Mapping]:
+    """PyTorch-style module names of the tree's modules. A Flax variables dict (``{"params": ..., "batch_stats":
+    ...}``, as a model with batch norm holds) names the modules of its ``params`` collection, without that prefix."""
+    if isinstance(params.get("params"), Mapping):
+        params = params["params"]
     return {".".join(map(str, path)): module for path, module in iter_modules(params) if path}
 
 
@@ -125,11 +129,8 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
                 weight = bound._module(placement.path)[placement.kernel_key]
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude(
                     placement, weight, a, b, module_scale(config, name))
-            if config.lora_bias:
-                if "bias" not in module:
-                    problems.append(f"{name}: lora_bias=True needs a bias, the module has none")
-                else:
-                    tensors[f"{PREFIX}{name}.lora_B.bias"] = np.zeros(out_total, np.float32)
+            if config.lora_bias:  # (on a module without a bias too, as PEFT: it then runs unmerged only)
+                tensors[f"{PREFIX}{name}.lora_B.bias"] = np.zeros(out_total, np.float32)
         trained_bias = config.bias == "all" or (config.bias == "lora_only" and is_targeted(config, name))
         if trained_bias and "bias" in module:
             stored = "base_layer.bias" if is_targeted(config, name) else "bias"

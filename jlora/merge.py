@@ -123,8 +123,17 @@ def plain_module(node: AdaptedModule) -> dict[str, Any]:
     return children
 
 
-_GROUPED_NO_MERGE = ("LoRA on a grouped convolution cannot be merged (its lora_A reads every input channel, the "
-                     "kernel only its group's; PEFT refuses too). Run it unmerged with jlora.wrap")
+_NO_MERGE = "these modules' adapters cannot be merged (PEFT refuses them too); run them unmerged with jlora.wrap"
+
+
+def merge_refusals(node: AdaptedModule) -> list[str]:
+    """Why the module's adapter cannot be folded into its parameters (empty: it can)."""
+    why = []
+    if is_grouped(node.spec):
+        why.append("LoRA on a grouped convolution (its lora_A reads every input channel, the kernel only its group's)")
+    if LORA_BIAS in node and "bias" not in node:
+        why.append("lora_bias on a module without a bias")
+    return why
 
 
 def is_grouped(spec: ModuleSpec) -> bool:
@@ -143,8 +152,9 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
     children = with_token_rows(node, node.base_children())
     if not spec.has_lora:
         return children
-    if is_grouped(spec):
-        raise UnsupportedAdapterError(f"{spec.peft_name}: {_GROUPED_NO_MERGE}")
+    refused = merge_refusals(node)
+    if refused:
+        raise UnsupportedAdapterError(f"{spec.peft_name}: {_NO_MERGE}", refused)
     kernel = children[spec.kernel_key]
     weight = to_canonical(kernel, spec).astype(jnp.float32)
     one_layer = lambda a, b: factor_delta(a, part_masked_b(b, spec))  # noqa: E731
@@ -189,9 +199,9 @@ def merge(lora_params: Any) -> Any:
     pairs, treedef = keyed(lora_params)
     leaves = [leaf for _, leaf in pairs]
     where = [i for i, leaf in enumerate(leaves) if is_adapted(leaf)]
-    grouped = [leaves[i].spec.peft_name for i in where if is_grouped(leaves[i].spec)]
-    if grouped:
-        raise UnsupportedAdapterError(f"jlora.merge: {_GROUPED_NO_MERGE}", grouped)
+    refused = [f"{leaves[i].spec.peft_name}: {why}" for i in where for why in merge_refusals(leaves[i])]
+    if refused:
+        raise UnsupportedAdapterError(f"jlora.merge: {_NO_MERGE}", refused)
     tied = sorted(leaves[i].spec.peft_name for i in where if BASE_TABLE in leaves[i])
     if tied:
         warnings.warn(f"jlora.merge: {tied} replace an embedding table (modules_to_save) that this model's output "

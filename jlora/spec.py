@@ -199,9 +199,6 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             for role, want in (("magnitude", placement.magnitude_shape), ("lora_bias", (out_total,))):
                 if role in roles and shape(roles[role]) != want:
                     problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {list(want)}")
-            if "lora_bias" in roles and "bias" not in module:
-                problems.append(f"{roles['lora_bias']}: lora_bias needs a bias, but "
-                                f"{'/'.join(map(str, placement.path))} has none")
             if "lora_bias" in roles and (placement.stacked or placement.fused):
                 problems.append(f"{roles['lora_bias']}: lora_bias on a stacked or fused kernel is not supported")
             if group.params and (placement.stacked or placement.fused):

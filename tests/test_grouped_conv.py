@@ -57,9 +57,10 @@ def test_grouped_conv_parity_and_round_trip(tmp_path):
 def test_grouped_conv_is_not_merged(tmp_path):
     twin = _twin(tmp_path)
     lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
-    with pytest.raises(jlora.UnsupportedAdapterError, match="grouped convolution cannot be merged") as err:
+    with pytest.raises(jlora.UnsupportedAdapterError, match="cannot be merged") as err:
         jlora.merge(lora_params)
-    assert err.value.problems == [GROUPED.removeprefix("base_model.model.")]
+    assert err.value.problems == [f"{GROUPED.removeprefix('base_model.model.')}: LoRA on a grouped convolution (its "
+                                  "lora_A reads every input channel, the kernel only its group's)"]
     with pytest.raises(jlora.UnsupportedAdapterError, match="pad_rank") as err:
         jlora.load(twin.flax_model.params, twin.adapter_dir, pad_rank=8)
     assert err.value.problems == [GROUPED.removeprefix("base_model.model.")]
@@ -126,3 +127,37 @@ def test_grouped_conv_in_a_mixed_batch(tmp_path):
         assert rel_err(mixed[row:row + 1], other_adapter) > 1e-3, name
     base = np.asarray(twin.flax_model(pixel_values=pixels[2:], params=params).logits)
     assert rel_err(mixed[2:], base) <= 1e-5
+
+
+def test_lora_bias_on_convs_without_a_bias(tmp_path):
+    """RegNet's convs have no bias (batch norm follows): PEFT gives lora_B one anyway and runs it unmerged only."""
+    twin = _twin(tmp_path, lora_bias=True)
+    file = load_file(twin.adapter_dir / "adapter_model.safetensors")
+    want = torch_logits(twin.peft_model, twin.inputs)
+    lora_params = jlora.load(twin.flax_model.params, twin.adapter_dir)
+    assert "bias" not in _grouped_node(lora_params) and "lora_bias" in _grouped_node(lora_params)
+    with_bias = flax_logits_wrapped(twin, lora_params)
+    assert rel_err(with_bias, want) <= 1e-4
+    no_bias = jax.tree_util.tree_map(lambda x: x, lora_params)
+    node = _grouped_node(no_bias)
+    _grouped_layer(no_bias)["convolution"] = node.replace(lora_bias=jnp.zeros_like(node["lora_bias"]))
+    assert rel_err(flax_logits_wrapped(twin, no_bias), with_bias) > 1e-4  # the bias term counts
+    with pytest.raises(jlora.UnsupportedAdapterError, match="cannot be merged") as err:
+        jlora.merge(lora_params)  # every conv named, the grouped one for both reasons
+    assert sum("lora_bias on a module without a bias" in p for p in err.value.problems) == \
+        sum(k.endswith("lora_B.bias") for k in file)
+    assert [p for p in err.value.problems if "grouped" in p] == \
+        [f"{GROUPED.removeprefix('base_model.model.')}: LoRA on a grouped convolution (its lora_A reads every input "
+         "channel, the kernel only its group's)"]
+    saved = load_file(jlora.save(lora_params, tmp_path / "saved") / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(file)
+    for key, value in file.items():
+        np.testing.assert_array_equal(saved[key].numpy(), value.numpy(), err_msg=key)
+
+    # jlora.init on a variables dict ({"params", "batch_stats"}): PEFT's module names, a file PEFT runs the same
+    config = jlora.LoraConfig(r=4, target_modules=["shortcut.convolution"], lora_bias=True, init_lora_weights=False)
+    fresh = jlora.init(twin.flax_model.params, config, key=jax.random.key(0))
+    pm = peft_loads_cleanly(twin.torch_base, jlora.save(fresh, tmp_path / "fresh"))
+    fresh_logits = flax_logits_wrapped(twin, fresh)
+    assert rel_err(fresh_logits, flax_logits_plain(twin, twin.flax_model.params)) > 1e-3
+    assert rel_err(torch_logits(pm.eval(), twin.inputs), fresh_logits) <= 1e-4
