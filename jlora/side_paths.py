@@ -84,6 +84,8 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
     if LORA_BIAS in entries and not spec.adapters:  # simple modules only: a scalar scale (several adapters:
         lora = lora + entries[LORA_BIAS]               # added per example by _contract)
+    if spec.adapters and spec.kind != "embedding":  # PEFT's mixed batches round each adapter's (scaled) term to
+        lora = lora.astype(y.dtype)                   # y's dtype before adding it (its embeddings do not)
     if MAGNITUDE not in entries:  # PEFT: lora * scale rounded to the adapter's dtype, then added to y
         return (y + (scale * lora).astype(lora.dtype)).astype(y.dtype)
     spec = _unstacked(spec, entries)
@@ -111,7 +113,7 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
                                "batches need the layers sliced (nn.scan), one adapter can run with jlora.select")
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
-        return _example_up(xa, entries, idx, scale)
+        return _example_up(xa, entries, idx, scale, spec)
     b = _b(entries, spec)
     n_in = len(x_axes)
     if x_axes == tuple(range(x.ndim - n_in, x.ndim)):  # trailing axes: plain 2-D matmuls (faster on XLA:CPU,
@@ -123,15 +125,20 @@ def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallCon
     return jnp.tensordot(_scale_columns(xa, entries), b, axes=1)
 
 
-def _example_up(xa: jax.Array, entries: dict, idx: jax.Array, scale: jax.Array) -> jax.Array:
-    """Mixed batches: each example's ``x @ A`` (batch, ..., r) times its adapter's column scales, contracted with
-    its adapter's ``lora_B`` (gathered (r, out) slices), plus its ``lora_B`` bias."""
-    xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
+def _example_up(xa: jax.Array, entries: dict, idx: jax.Array, scale: jax.Array, spec: ModuleSpec) -> jax.Array:
+    """Mixed batches: each example's ``x @ A`` (batch, ..., r) contracted with its adapter's ``lora_B`` (gathered
+    (r, out) slices), plus its ``lora_B`` bias, times its adapter's scale in the adapter's dtype, as PEFT's
+    ``lora_B(lora_A(x)) * scaling`` (fused kernels, whose parts have their own scales: applied to ``x @ A``)."""
+    per_column = any(s.placement.fused for _, own, _ in spec.adapters if own is not None for s in own.sources)
+    if per_column:
+        xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
     lora = jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
-    if LORA_BIAS in entries:  # each example's lora_B bias, times its adapter's scale (column 0: any real column)
-        bias = entries[LORA_BIAS][idx] * scale[:, :1]
-        lora = lora + bias.reshape(bias.shape[0], *([1] * (lora.ndim - bias.ndim)), *bias.shape[1:])
-    return lora
+    by_example = lambda v: v.reshape(v.shape[0], *([1] * (lora.ndim - v.ndim)), *v.shape[1:])  # noqa: E731
+    if LORA_BIAS in entries:  # (simple modules only)
+        lora = lora + by_example(entries[LORA_BIAS][idx]).astype(lora.dtype)
+    if per_column:
+        return lora
+    return (lora * by_example(scale[:, 0])).astype(lora.dtype)  # (column 0: a real column of every adapter)
 
 
 def _adapter_ids(ctx: CallContext, spec: ModuleSpec) -> jax.Array:
@@ -214,7 +221,7 @@ def conv_side(module, args, kwargs, y, entries, spec, ctx):
     if spec.adapters:  # each example convolved with its adapter's (kernel..., in, r) slice
         idx, scale = _example_adapters(entries, ctx, spec)
         xa = jax.vmap(lambda kernel, xb: down.apply({"params": {"kernel": kernel}}, xb[None])[0])(a[idx], x)
-        return _finish(module, y, _example_up(xa, entries, idx, scale), entries, spec)
+        return _finish(module, y, _example_up(xa, entries, idx, scale, spec), entries, spec)
     xa = down.apply({"params": {"kernel": a}}, x)
     lora = jnp.tensordot(_scale_columns(xa, entries), _b(entries, spec), axes=1)
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))

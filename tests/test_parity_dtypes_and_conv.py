@@ -108,6 +108,44 @@ def test_bf16_adapter_rounds_like_peft(tmp_path, lora_bias):
     np.testing.assert_array_equal(np.asarray(merged["bias"], np.float32), peft_merged.bias.detach().float().numpy())
 
 
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_mixed_batch_on_a_bf16_layer_rounds_like_peft(tmp_path, adapter_dtype):
+    """PEFT's mixed batches compute each adapter's ``lora_B(lora_A(x)) * scaling`` in the adapter's dtype and round
+    it to the layer's dtype before adding it (unlike its single-adapter forward). Exact matmuls as above, two
+    adapters of different ranks and scalings plus a base row: equal bit for bit."""
+    import peft
+
+    gen = torch.Generator().manual_seed(0)
+    base = _OneLinear()
+    with torch.no_grad():
+        base.proj.weight.copy_(_small_ints(gen, (24, 16), 3))
+        base.proj.bias.copy_(_small_ints(gen, (24,), 3))
+    folders = []
+    for name, r, alpha in (("a", 3, 1), ("b", 2, 5)):
+        pm = peft.get_peft_model(_OneLinear(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
+        layer = pm.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(_small_ints(gen, (r, 16), 2))
+            layer.lora_B["default"].weight.copy_(_small_ints(gen, (24, r), 2))
+        pm.save_pretrained(tmp_path / name)
+        folders.append(tmp_path / name)
+    keep = adapter_dtype == "float32"  # PEFT's default autocasts adapters to float32
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), folders[0], adapter_name="a",
+                                        autocast_adapter_dtype=keep)
+    pm.load_adapter(folders[1], adapter_name="b", autocast_adapter_dtype=keep)
+    assert pm.base_model.model.proj.lora_A["b"].weight.dtype == getattr(torch, adapter_dtype)
+    x = _small_ints(gen, (3, 5, 16), 1)
+    with torch.no_grad():
+        want = pm.eval()(x, adapter_names=["a", "b", "__base__"]).float().numpy()
+
+    params = {"proj": {"kernel": jnp.asarray(base.proj.weight.detach().numpy().T, jnp.bfloat16),
+                       "bias": jnp.asarray(base.proj.bias.detach().numpy(), jnp.bfloat16)}}
+    both = jlora.load(params, {"a": folders[0], "b": folders[1]}, dtype=adapter_dtype)
+    got = jax.jit(jlora.wrap(_OneDense().apply))({"params": both}, jnp.asarray(x.float().numpy(), jnp.bfloat16),
+                                                adapter_ids=jnp.asarray([0, 1, -1]))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
 def test_vit_conv_and_linear_parity(tmp_path):
     cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=48, num_labels=3)
