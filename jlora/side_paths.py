@@ -281,7 +281,7 @@ def side_for(module: nn.Module | nnx.Module, spec: ModuleSpec) -> SidePath | Non
     module class), else the module class's (:func:`side_path_for`)."""
     if spec.adapters and not spec.has_lora:
         return per_adapter_side
-    if isinstance(module, nn.Conv) and module.feature_group_count > 1 and is_grouped(spec):
+    if isinstance(module, (nn.Conv, nnx.Conv)) and module.feature_group_count > 1 and is_grouped(spec):
         return conv_side  # PEFT's LoRA on a grouped conv: a full conv to rank r, then a grouped 1x1 (block-diagonal B)
     return side_path_for(module)
 

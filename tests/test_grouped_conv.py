@@ -161,3 +161,45 @@ def test_lora_bias_on_convs_without_a_bias(tmp_path):
     fresh_logits = flax_logits_wrapped(twin, fresh)
     assert rel_err(fresh_logits, flax_logits_plain(twin, twin.flax_model.params)) > 1e-3
     assert rel_err(torch_logits(pm.eval(), twin.inputs), fresh_logits) <= 1e-4
+
+
+def test_grouped_nnx_conv_matches_peft(tmp_path):
+    """An nnx.Conv with feature_group_count=2 and PEFT's LoRA on its torch twin, run unmerged by nnx_model."""
+    import peft
+    import torch
+    from flax import nnx
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(8, 6, (3, 3), padding=1, feature_group_count=2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    torch_net = TorchNet()
+    model = Net(nnx.Rngs(0))
+    model.conv.kernel = nnx.Param(jnp.asarray(torch_net.conv.weight.detach().numpy().transpose(2, 3, 1, 0)))
+    model.conv.bias = nnx.Param(jnp.asarray(torch_net.conv.bias.detach().numpy()))
+    pm = peft.get_peft_model(torch_net, peft.LoraConfig(r=4, lora_alpha=6, target_modules=["conv"],
+                                                        init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    x = np.random.default_rng(0).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    with torch.no_grad():
+        want = pm(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+        plain = pm.get_base_model().conv.base_layer(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+
+    graphdef, state = nnx.split(model)
+    layout = jlora.Layout([jlora.Rule(r"conv", "conv/kernel", "o i kh kw -> kh kw i o")])
+    lp = jlora.load(state, tmp_path, layout=layout)
+    got = np.asarray(jax.jit(lambda p, x: jlora.nnx_model(graphdef, p)(x))(lp, x.transpose(0, 2, 3, 1)))
+    assert rel_err(plain, want) > 1e-2
+    assert rel_err(got, want) <= 1e-5
