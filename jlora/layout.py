@@ -172,7 +172,8 @@ class Placement:
         b = b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
         if self.groups > 1:  # the diagonal blocks, as a grouped conv's weight
             out, per_group = b.shape[0] // self.groups, b.shape[1] // self.groups
-            b = np.concatenate([b[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group] for g in range(self.groups)])
+            b = np.concatenate([b[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group]
+                                for g in range(self.groups)])
         return b
 
     def off_block_b(self, b) -> np.ndarray:

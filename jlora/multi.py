@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
 from .placement import replicated_like
+from .merge import is_grouped
 from .targeting import module_scale
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
                    FactorSource, ModuleSpec, adapted_modules, get_path, set_paths)
@@ -285,11 +286,10 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     if fused:
         raise AdapterError("add_weighted does not support fused kernels (several PEFT modules in one kernel); "
                            "these modules are fused", fused)
-    grouped = sorted(n.spec.peft_name for n in multi if any(src.placement.groups > 1 for _, spec, _ in n.spec.adapters
-                                                            if spec is not None for src in spec.sources))
+    grouped = sorted(n.spec.peft_name for n in multi if is_grouped(n.spec))
     if grouped:
-        raise UnsupportedAdapterError("add_weighted does not support LoRA on grouped convolutions (the combined factors "
-                                      "would not keep lora_B's diagonal blocks)", grouped)
+        raise UnsupportedAdapterError("add_weighted does not support LoRA on grouped convolutions (the combined "
+                                      "factors would not keep lora_B's diagonal blocks)", grouped)
     chosen = list(weights)
     replaced = sorted(n.spec.peft_name for n in multi if n.per_adapter_tensors and
                       any(spec is not None and name in chosen for name, spec, _ in n.spec.adapters))

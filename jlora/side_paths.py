@@ -3,8 +3,10 @@
 Each side path gets the module, its input, the base output ``y`` (computed by the module itself)
 and the adapter entries; it never forms ``W + s * A @ B`` (DoRA's weight norm aside, as in PEFT).
 PEFT's precision: x is cast to the adapter's dtype, the scaled LoRA term is rounded to that dtype
-and added to ``y`` (in the wider of the two dtypes), and the sum is cast back to ``y``'s dtype. Mixed batches over modules that several adapters replace
-(``modules_to_save``, trainable tokens) run :func:`per_adapter_side` for any module class.
+and added to ``y`` (in the wider of the two dtypes), and the sum is cast back to ``y``'s dtype (in
+mixed batches the term is rounded to ``y``'s dtype before the add, as PEFT's ``adapter_names`` forward
+does). Mixed batches over modules that several adapters replace (``modules_to_save``, trainable
+tokens) run :func:`per_adapter_side` for any module class.
 
 Example:
     >>> side = side_path_for(nn.Dense(4))   # a function, or None for modules without one

@@ -21,7 +21,8 @@ def _twin(tmp_path, seed: int = 0, **lora):
     cfg = tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     return build_twin(tmp_path, tf.RegNetForImageClassification, tf.FlaxRegNetForImageClassification, cfg,
-                      dict(r=4, lora_alpha=8, target_modules=["convolution"], **lora), inputs={"pixel_values": pixels}, seed=seed)
+                      dict(r=4, lora_alpha=8, target_modules=["convolution"], **lora), inputs={"pixel_values": pixels},
+                      seed=seed)
 
 
 def _grouped_layer(tree):
@@ -127,6 +128,9 @@ def test_grouped_conv_in_a_mixed_batch(tmp_path):
         assert rel_err(mixed[row:row + 1], other_adapter) > 1e-3, name
     base = np.asarray(twin.flax_model(pixel_values=pixels[2:], params=params).logits)
     assert rel_err(mixed[2:], base) <= 1e-5
+    with pytest.raises(jlora.UnsupportedAdapterError, match="grouped convolutions") as err:
+        jlora.add_weighted(both, {"a": 0.5, "b": 0.5}, method="cat")
+    assert err.value.problems == [GROUPED.removeprefix("base_model.model.")]
 
 
 def test_lora_bias_on_convs_without_a_bias(tmp_path):

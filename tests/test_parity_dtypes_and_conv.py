@@ -104,7 +104,8 @@ def test_bf16_adapter_rounds_like_peft(tmp_path, lora_bias):
 
     merged = jlora.merge(lora_params)["proj"]  # PEFT's merge rounds s * B @ A (and s * lora_B.bias) to bf16 first
     peft_merged = pm.merge_and_unload().proj
-    np.testing.assert_array_equal(np.asarray(merged["kernel"], np.float32), peft_merged.weight.detach().float().numpy().T)
+    np.testing.assert_array_equal(np.asarray(merged["kernel"], np.float32),
+                                  peft_merged.weight.detach().float().numpy().T)
     np.testing.assert_array_equal(np.asarray(merged["bias"], np.float32), peft_merged.bias.detach().float().numpy())
 
 
