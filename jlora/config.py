@@ -24,7 +24,7 @@ MAX_RANK = 2**31 - 1  # larger ranks cannot be tensor dimensions of any real ada
 
 # PEFT init modes that rewrite the base weights: the adapter file alone cannot reproduce them.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva")
+KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
 
 # Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
 UNSUPPORTED_WHEN_SET = {
@@ -108,6 +108,11 @@ class LoraConfig:
     @property
     def scale_kind(self) -> str:
         return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+
+    @property
+    def trains_lora_b(self) -> bool:
+        """False for MiCA adapters (``init_lora_weights="mica"``): PEFT freezes their lora_B, only lora_A trains."""
+        return self.init_lora_weights != "mica"
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
@@ -262,6 +267,8 @@ def _validate(cfg: LoraConfig) -> list[str]:
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     if init not in KNOWN_INITS and not (isinstance(init, str) and init.startswith(BASE_REWRITING_INITS)):
         p.append(f"init_lora_weights {init!r} is not a PEFT init mode")
+    if init == "mica" and cfg.use_dora:
+        p.append("init_lora_weights='mica' with use_dora: PEFT has no such variant combination")
     unsupported = [
         f"{name}={getattr(cfg, name)!r} ({what})"
         for name, what in UNSUPPORTED_WHEN_SET.items()

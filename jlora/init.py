@@ -65,15 +65,32 @@ def _factors(key, kind: str, mode, r: int, fan_in: int, a_shape: tuple, b_shape:
     return a, jnp.zeros(b_shape)
 
 
-def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """DoRA's initial magnitude: ``||W + s * B @ A||`` over the input axes, in PEFT's shape (see
-    ``Placement.magnitude_shape``)."""
+def _canonical_weight(placement, weight: np.ndarray) -> np.ndarray:
+    """The float32 weight of the PEFT module at ``placement``, in canonical (inputs..., outputs...) order (its layer
+    of a stacked kernel, its part of a fused one)."""
     w = np.asarray(weight, np.float32)
     if placement.stacked:
         w = np.take(w, placement.layer, axis=placement.layer_axis)
     w = w.transpose(np.argsort(placement.kernel_perm))
     if placement.fused:
         w = np.take(w, placement.part, axis=placement.part_axis)
+    return w
+
+
+def _mica_factors(placement, weight: np.ndarray, r: int, a_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's MiCA init (torch layout): lora_B the ``r`` left singular vectors of the (out, in) weight with the
+    smallest singular values (each up to its sign, which SVD implementations choose freely), lora_A zero."""
+    w = _canonical_weight(placement, weight)
+    n_in = int(np.prod(w.shape[:placement.in_ndim]))
+    u, _, _ = np.linalg.svd(w.reshape(n_in, -1).T, full_matrices=False)
+    b = placement.b_to_torch(np.ascontiguousarray(u[:, -r:].T).reshape(r, *w.shape[placement.in_ndim:]))
+    return np.zeros(a_shape, np.float32), b
+
+
+def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """DoRA's initial magnitude: ``||W + s * B @ A||`` over the input axes, in PEFT's shape (see
+    ``Placement.magnitude_shape``)."""
+    w = _canonical_weight(placement, weight)
     delta = scale * np.tensordot(placement.a_to_canonical(a), placement.b_to_canonical(b), axes=1)
     norm = np.linalg.norm((w + delta).reshape(int(np.prod(w.shape[:placement.in_ndim])), -1), axis=0)
     return placement.magnitude_to_torch(norm.reshape(w.shape[placement.in_ndim:])).astype(np.float32)
@@ -91,9 +108,9 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a jlora.LoraConfig, found {type(config).__name__}")
-    if config.init_lora_weights not in (True, False, "gaussian"):
+    if config.init_lora_weights not in (True, False, "gaussian", "mica"):
         raise AdapterError(f"init_lora_weights={config.init_lora_weights!r} is not implemented by jlora.init "
-                           "(supported: true, false, 'gaussian')")
+                           "(supported: true, false, 'gaussian', 'mica')")
     params = as_param_tree(params)
     tree_names = _module_names(params)
     names = list(module_names) if module_names is not None else list(tree_names)
@@ -120,13 +137,20 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
             r = module_rank(config, name)
             out_total = int(np.prod(placement.out_sizes))
             a_shape, b_shape = (r, *placement.a_tail), (out_total, r, *placement.b_tail)
-            a, b = _factors(k, kind, config.init_lora_weights, r, int(np.prod(placement.a_tail)), a_shape, b_shape)
+            weight = bound._module(placement.path)[placement.kernel_key]
+            if config.init_lora_weights == "mica":
+                if placement.b_tail or r > min(int(np.prod(placement.a_tail)), out_total):
+                    problems.append(f"{name}: MiCA needs a Linear or Embedding (PEFT has no MiCA for convolutions) "
+                                    f"and r <= min(in, out) ({list(placement.a_tail)} -> {out_total}, r={r})")
+                    continue
+                a, b = _mica_factors(placement, weight, r, a_shape)
+            else:
+                a, b = _factors(k, kind, config.init_lora_weights, r, int(np.prod(placement.a_tail)), a_shape, b_shape)
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             prefix, suffix = ("lora_embedding_", "") if kind == "embedding" else ("lora_", ".weight")
             tensors[f"{PREFIX}{name}.{prefix}A{suffix}"] = a
             tensors[f"{PREFIX}{name}.{prefix}B{suffix}"] = b
             if config.use_dora:
-                weight = bound._module(placement.path)[placement.kernel_key]
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude(
                     placement, weight, a, b, module_scale(config, name))
             if config.lora_bias:  # (on a module without a bias too, as PEFT: it then runs unmerged only)

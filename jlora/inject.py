@@ -168,7 +168,8 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                                              key=lora[0].tensors.roles[roles[child]] if from_file else "",
                                              axes=lora_axes(child, first.in_ndim, first.kernel_perm, first.layer_axis,
                                                             value.ndim))
-            trainable += [k for k in factors if k != RANK_SCALE]
+            frozen = {RANK_SCALE} if config.trains_lora_b else {RANK_SCALE, LORA_B, LORA_BIAS}  # (MiCA: all of lora_B)
+            trainable += [k for k in factors if k not in frozen]
         for t in group:
             for stored_as, key in t.tensors.params.items():
                 mapping = layout.param_mapping(path, stored_as.rpartition(".")[2])
