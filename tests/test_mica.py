@@ -12,7 +12,8 @@ import torch
 import transformers as tf
 
 import jlora
-from peft_twin import flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, perturb_trainable, rel_err, torch_logits
+from peft_twin import (flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, perturb_trainable, rel_err,
+                       torch_logits)
 from test_parity_models import llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
