@@ -35,8 +35,6 @@ UNSUPPORTED_WHEN_SET = {
     "arrow_config": "Arrow routing",
     "use_bdlora": "block-diagonal LoRA",
     "megatron_config": "Megatron parallel layers",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
     "kasa_config": "KaSA",
 }
 

@@ -21,8 +21,8 @@ from .errors import AdapterError, UnsupportedAdapterError
 from .layout import Layout
 from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
-from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
-                   FactorSource, ModuleSpec, get_path, set_paths)
+from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
+                   AdaptedModule, FactorSource, ModuleSpec, get_path, set_paths)
 
 # PEFT role -> (jlora child key, PEFT key suffix), per kind
 _SUFFIXES = {
@@ -171,6 +171,11 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             frozen = {RANK_SCALE} if config.trains_lora_b else {RANK_SCALE, LORA_B, LORA_BIAS}  # (MiCA: all of lora_B)
             trainable += [k for k in factors if k not in frozen]
         for t in group:
+            for extra, key in t.tensors.extras.items():  # (only with LoRA factors: see build_targets)
+                child, host = VARIANT_EXTRA + extra, np.asarray(tensors[key])
+                children[child] = placer.put(host, host.dtype, path=path + (child,), base=module[first.kernel_key],
+                                             key=key, axes=(None,) * host.ndim)
+                file_keys.append((child, extra))
             for stored_as, key in t.tensors.params.items():
                 mapping = layout.param_mapping(path, stored_as.rpartition(".")[2])
                 base = module[mapping.flax_key]

@@ -32,14 +32,14 @@ from .errors import AdapterError, UnsupportedAdapterError
 from .placement import replicated_like
 from .merge import is_grouped
 from .targeting import module_scale
-from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, AdaptedModule,
-                   FactorSource, ModuleSpec, adapted_modules, get_path, set_paths)
+from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
+                   AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path, is_adapter_key, set_paths)
 
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
     """Whether the node changes a base tensor (PEFT also saves untouched embedding tables: those are fine)."""
     return any(child in node.spec.trainable or not np.array_equal(np.asarray(node[child]), np.asarray(base[child]))
-               for child, _ in node.spec.file_keys if child != TOKEN_DELTA) or TOKEN_DELTA in node
+               for child, _ in node.spec.file_keys if not is_adapter_key(child)) or TOKEN_DELTA in node
 
 
 # PEFT task types whose models have no language-model head (nothing reads the embedding table but the lookups)
@@ -61,6 +61,7 @@ def _check_single(node: AdaptedModule, name: str, base: Mapping, head_tied: bool
         "trainable tokens on an embedding that the output head may read too (the tree has no lm_head of its own, "
         "or holds a copy of the table as its head): the head's columns would need each example's rows": TOKEN_DELTA in
         node and (spec.token_head or head_tied and _task_type(spec) not in _TASKS_WITHOUT_LM_HEAD),
+        "the tensors of a LoRA variant (VeLoRA, MonteCLoRA)": any(k.startswith(VARIANT_EXTRA) for k in node),
     }
     problems = [what for what, bad in unsupported.items() if bad]
     if problems:

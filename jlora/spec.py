@@ -33,6 +33,8 @@ _ROLES = (
     (".lora_magnitude_vector.weight", "magnitude"),
     (".token_adapter.trainable_tokens_delta", "token_delta"),
 )
+# tensors of LoRA variants whose forward at inference is plain LoRA (PEFT key part -> the config field enabling it)
+VARIANT_TENSORS = {".lora_velora_embed": "velora_config", ".lora_monteclora_sampler.": "monteclora_config"}
 
 
 @dataclasses.dataclass
@@ -42,6 +44,7 @@ class ModuleTensors:
     name: str
     roles: dict[str, str] = dataclasses.field(default_factory=dict)
     params: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, str] = dataclasses.field(default_factory=dict)  # variant tensor (PEFT key suffix) -> full key
 
 
 @dataclasses.dataclass
@@ -65,6 +68,10 @@ def group_keys(keys, source: str = "adapter_model.safetensors") -> dict[str, Mod
             bad.append(f"{key!r} does not start with {PREFIX!r}")
             continue
         rest = key[len(PREFIX):]
+        extra = next((rest.index(part) for part in VARIANT_TENSORS if part in rest), None)
+        if extra is not None and extra > 0:
+            groups.setdefault(rest[:extra], ModuleTensors(rest[:extra])).extras[rest[extra + 1:]] = key
+            continue
         for suffix, role in _ROLES:
             if rest.endswith(suffix):
                 name = rest[: -len(suffix)]
@@ -162,6 +169,12 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         if ("magnitude" in roles or "lora_bias" in roles) and not has_lora:
             problems.append(f"{name}: DoRA/lora_bias tensors without lora_A/lora_B")
             continue
+        for extra, key in group.extras.items():
+            field = next(f for part, f in VARIANT_TENSORS.items() if f".{extra}".startswith(part))
+            if not getattr(config, field):
+                problems.append(f"{key}: a tensor of the LoRA variant {field} set, but the config does not set it")
+            elif not has_lora:
+                problems.append(f"{key}: variant tensors without lora_A/lora_B")
 
         placement = layout.place(name, ("embedding" if emb else "linear") if has_lora else None)
         if placement is None:
@@ -201,6 +214,9 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                     problems.append(f"{roles[role]}: shape {list(shape(roles[role]))}, expected {list(want)}")
             if "lora_bias" in roles and (placement.stacked or placement.fused):
                 problems.append(f"{roles['lora_bias']}: lora_bias on a stacked or fused kernel is not supported")
+            if group.extras and (placement.stacked or placement.fused):
+                problems.append(f"{name}: variant tensors {sorted(group.extras)} on a stacked or fused kernel are not "
+                                "supported")
             if group.params and (placement.stacked or placement.fused):
                 problems.append(f"{name}: replacement tensors {sorted(group.params)} for a stacked or fused "
                                 "kernel are not supported")

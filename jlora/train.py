@@ -8,16 +8,29 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import optax
 
-from .tree import AdaptedModule, map_adapted
+from .tree import VARIANT_EXTRA, AdaptedModule, adapted_modules, map_adapted
+
+_VARIANTS = {"lora_velora": "VeLoRA", "lora_monteclora": "MonteCLoRA"}
 
 
 def _module_mask(node: AdaptedModule) -> AdaptedModule:
     return AdaptedModule({k: None if v is None else k in node.spec.trainable for k, v in node.items()}, node.spec)
+
+
+def _warn_variants(lora_params: Any) -> None:
+    """A LoRA variant that changes only PEFT's training pass is trained by jlora as plain LoRA: say so."""
+    found = sorted({name for _, node in adapted_modules(lora_params) for k in node if k.startswith(VARIANT_EXTRA)
+                    for prefix, name in _VARIANTS.items() if k[len(VARIANT_EXTRA):].startswith(prefix)})
+    if found:
+        warnings.warn(f"this adapter is a {'/'.join(found)} LoRA: jlora trains it as plain LoRA (exact gradients "
+                      "of lora_A and lora_B; PEFT's training pass differs), its variant tensors stay as loaded "
+                      "and save writes them back", stacklevel=3)
 
 
 def trainable_mask(lora_params: Any) -> Any:
@@ -27,6 +40,7 @@ def trainable_mask(lora_params: Any) -> Any:
     Example:
         >>> mask = jlora.trainable_mask(lora_params)
     """
+    _warn_variants(lora_params)
     marked = map_adapted(_module_mask, lora_params)
     return jax.tree_util.tree_map(lambda x: x if isinstance(x, bool) else False, marked)
 

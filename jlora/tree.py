@@ -31,11 +31,14 @@ ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, B
 # holds every adapter's value of the module's ``<key>`` along a leading adapter axis (base values for an adapter
 # that leaves it alone), and ``by_adapter_token_delta`` their trainable-token rows
 BY_ADAPTER = "by_adapter_"
+# tensors of PEFT LoRA variants that change only PEFT's training pass (VeLoRA's projection buffer, MonteCLoRA's
+# sampler): ``variant:<PEFT key suffix>`` holds them as read, unused by the forward, untrained, written back by save
+VARIANT_EXTRA = "variant:"
 
 
 def is_adapter_key(key: str) -> bool:
     """Whether a module child is an adapter tensor rather than one of the module's own parameters."""
-    return key in ADAPTER_KEYS or isinstance(key, str) and key.startswith(BY_ADAPTER)
+    return key in ADAPTER_KEYS or isinstance(key, str) and key.startswith((BY_ADAPTER, VARIANT_EXTRA))
 
 
 @dataclasses.dataclass(frozen=True)
