@@ -33,8 +33,15 @@ _ROLES = (
     (".lora_magnitude_vector.weight", "magnitude"),
     (".token_adapter.trainable_tokens_delta", "token_delta"),
 )
-# tensors of LoRA variants whose forward at inference is plain LoRA (PEFT key part -> the config field enabling it)
-VARIANT_TENSORS = {".lora_velora_embed": "velora_config", ".lora_monteclora_sampler.": "monteclora_config"}
+# tensors of LoRA variants whose forward at inference is plain LoRA: PEFT key part -> (the config field that enables
+# the variant, its name)
+VARIANT_TENSORS = {".lora_velora_embed": ("velora_config", "VeLoRA"),
+                   ".lora_monteclora_sampler.": ("monteclora_config", "MonteCLoRA")}
+
+
+def variant_of(extra: str) -> tuple[str, str]:
+    """(config field, name) of the LoRA variant whose tensor has the PEFT key suffix ``extra``."""
+    return next(v for part, v in VARIANT_TENSORS.items() if f".{extra}".startswith(part))
 
 
 @dataclasses.dataclass
@@ -170,7 +177,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             problems.append(f"{name}: DoRA/lora_bias tensors without lora_A/lora_B")
             continue
         for extra, key in group.extras.items():
-            field = next(f for part, f in VARIANT_TENSORS.items() if f".{extra}".startswith(part))
+            field, _ = variant_of(extra)
             if not getattr(config, field):
                 problems.append(f"{key}: a tensor of the LoRA variant {field} set, but the config does not set it")
             elif not has_lora:

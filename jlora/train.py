@@ -14,9 +14,8 @@ from typing import Any
 import jax
 import optax
 
+from .spec import variant_of
 from .tree import VARIANT_EXTRA, AdaptedModule, adapted_modules, map_adapted
-
-_VARIANTS = {"lora_velora": "VeLoRA", "lora_monteclora": "MonteCLoRA"}
 
 
 def _module_mask(node: AdaptedModule) -> AdaptedModule:
@@ -25,8 +24,8 @@ def _module_mask(node: AdaptedModule) -> AdaptedModule:
 
 def _warn_variants(lora_params: Any) -> None:
     """A LoRA variant that changes only PEFT's training pass is trained by jlora as plain LoRA: say so."""
-    found = sorted({name for _, node in adapted_modules(lora_params) for k in node if k.startswith(VARIANT_EXTRA)
-                    for prefix, name in _VARIANTS.items() if k[len(VARIANT_EXTRA):].startswith(prefix)})
+    found = sorted({variant_of(k[len(VARIANT_EXTRA):])[1] for _, node in adapted_modules(lora_params) for k in node
+                    if k.startswith(VARIANT_EXTRA)})
     if found:
         warnings.warn(f"this adapter is a {'/'.join(found)} LoRA: jlora trains it as plain LoRA (exact gradients "
                       "of lora_A and lora_B; PEFT's training pass differs), its variant tensors stay as loaded "

@@ -109,3 +109,11 @@ def assert_saves_back(lora_params, adapter_dir: Path, out_dir: Path) -> None:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert json.loads((out / "adapter_config.json").read_text()) == config
 
+
+
+def saved_pair(torch_cls, flax_cls, config, folder: Path, seed: int = 0):
+    """A random torch model (eval) and its Flax twin read from the torch weights saved in ``folder``."""
+    torch.manual_seed(seed)
+    base = torch_cls(config).eval()
+    base.save_pretrained(folder, safe_serialization=True)
+    return base, flax_cls.from_pretrained(folder, from_pt=True)

@@ -8,12 +8,11 @@ import jax
 import numpy as np
 import peft
 import pytest
-import torch
 import transformers as tf
 
 import jlora
 from peft_twin import (flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, perturb_trainable, rel_err,
-                       torch_logits)
+                       saved_pair, torch_logits)
 from test_parity_models import llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
@@ -21,12 +20,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch_cls, flax_cls, cfg = llama()
-    torch.manual_seed(0)
-    base = torch_cls(cfg).eval()
-    folder = tmp_path_factory.mktemp("mica")
-    base.save_pretrained(folder / "base", safe_serialization=True)
-    return base, flax_cls.from_pretrained(folder / "base", from_pt=True), folder
+    return saved_pair(*llama(), tmp_path_factory.mktemp("mica") / "base")
 
 
 def test_mica_adapter_runs_and_trains_only_lora_a(models, tmp_path):

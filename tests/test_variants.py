@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import jlora
 from peft_twin import (assert_saves_back, flax_logits_plain, flax_logits_wrapped, perturb_trainable, rel_err,
-                       torch_logits)
+                       saved_pair, torch_logits)
 from test_parity_models import llama
 
 VARIANTS = {"velora": dict(velora_config=peft.VeloraConfig()),
@@ -25,12 +25,7 @@ VARIANTS = {"velora": dict(velora_config=peft.VeloraConfig()),
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch_cls, flax_cls, cfg = llama()
-    torch.manual_seed(0)
-    base = torch_cls(cfg).eval()
-    folder = tmp_path_factory.mktemp("variants")
-    base.save_pretrained(folder / "base", safe_serialization=True)
-    return base, flax_cls.from_pretrained(folder / "base", from_pt=True)
+    return saved_pair(*llama(), tmp_path_factory.mktemp("variants") / "base")
 
 
 def _adapter(base, folder, variant: str):
