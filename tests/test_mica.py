@@ -24,7 +24,7 @@ def models(tmp_path_factory):
 
 
 def test_mica_adapter_runs_and_trains_only_lora_a(models, tmp_path):
-    base, flax_model, _ = models
+    base, flax_model = models
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                                   init_lora_weights="mica"))
     peft_trainable = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
@@ -54,7 +54,7 @@ def test_mica_adapter_runs_and_trains_only_lora_a(models, tmp_path):
 def test_mica_init_matches_peft_up_to_singular_vector_signs(models, tmp_path):
     """jlora.init's MiCA: lora_A zero, lora_B PEFT's minor left singular vectors (each column up to its sign, which
     LAPACK builds choose freely); the file loads in PEFT as a MiCA adapter that trains lora_A alone."""
-    base, flax_model, _ = models
+    base, flax_model = models
     config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="mica")
     fresh = jlora.init(flax_model.params, config, key=jax.random.key(0))
     ours = jlora.to_peft_tensors(fresh)
