@@ -13,6 +13,7 @@ import torch
 import transformers as tf
 
 import jlora
+from jlora import side_paths
 from peft_twin import perturb_trainable, rel_err
 
 ADAPTERS = {
@@ -44,6 +45,15 @@ def setup(tmp_path_factory):
 
 IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12], [9, 8, 7, 6, 5, 4, 3], [2, 2, 2, 30, 31, 32, 1]],
                np.int32)
+
+
+@pytest.fixture(params=["gathered copies", "one example at a time"])
+def per_example(request, monkeypatch):
+    """Both forms of a replaced module's per-example parameters in mixed batches (small ones are gathered for
+    all examples at once; past side_paths.PER_EXAMPLE_COPY_LIMIT bytes they run one example at a time)."""
+    if request.param == "one example at a time":
+        monkeypatch.setattr(side_paths, "PER_EXAMPLE_COPY_LIMIT", 0)
+    return request.param
 
 
 def torch_out(model, **kw):
@@ -238,7 +248,7 @@ def test_mixed_batch_of_classifiers_matches_peft(bert, tmp_path, kind):
     assert "classifier" in err.value.problems
 
 
-def test_mixed_batch_where_one_adapter_keeps_the_module(setup, tmp_path):
+def test_mixed_batch_where_one_adapter_keeps_the_module(setup, tmp_path, per_example):
     """A module only some adapters replace (lm_head in modules_to_save, trainable tokens): the others run the
     base module there, so each row equals its adapter alone (PEFT's mixed batches fail with a KeyError here)."""
     tmp, base, _, flax_model = setup
@@ -251,6 +261,8 @@ def test_mixed_batch_where_one_adapter_keeps_the_module(setup, tmp_path):
     lp = jlora.load(flax_model.params, sources)
     fwd = jax.jit(jlora.wrap(flax_model.__call__))
     got = np.asarray(fwd(IDS, params=lp, adapter_ids=jnp.array([0, 1, -1, 0])).logits)
+    program = str(jax.make_jaxpr(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=jnp.array([0, 1, -1, 0])))
+    assert ("scan[" in program) == (per_example == "one example at a time")  # (lax.map runs as a scan)
     for rows, name in (([0, 3], "x"), ([1], "a")):
         alone = np.asarray(fwd(IDS, params=jlora.load(flax_model.params, sources[name])).logits)
         assert rel_err(got[rows], alone[rows]) <= 1e-5
@@ -342,7 +354,7 @@ def test_generate_with_mixed_adapters_matches_peft(setup):
     assert (np.asarray(base)[[0, 2, 3], 4:] != want[[0, 2, 3], 4:]).any()  # the adapters change the tokens
 
 
-def test_gradients_of_a_mixed_batch_are_each_adapters_own(setup, tmp_path):
+def test_gradients_of_a_mixed_batch_are_each_adapters_own(setup, tmp_path, per_example):
     """Training several adapters in one batch: the gradient of a mixed batch's loss reaches each adapter's
     factors (and its lm_head copy and token rows) exactly as the loss of its own rows does when that adapter
     runs alone; padding columns get none."""
