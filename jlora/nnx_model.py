@@ -6,8 +6,8 @@ caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, 
 runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Stacked layers (a module built with ``nnx.vmap`` and run
 by ``nnx.scan``) run unmerged too: their adapter entries (and the dropout key) become ``nnx.Param``
-attributes that the scan slices with the kernel (one adapter). Other module types, and stacked kernels with
-several adapters, get their kernel merged in the call, with a warning. The model is built for one call
+attributes that the scan slices with the kernel (with several adapters, so are each example's adapter
+indices). Other module types get their kernel merged in the call, with a warning. The model is built for one call
 (inside ``jax.jit`` or a loss function): the adapter arrays are its inputs, so gradients reach them.
 
 Example:
@@ -117,10 +117,19 @@ def _stacked_call(self, *args, **kwargs):
         key = data.reshape(data.shape[-1:]) if impl is None else \
             jax.random.wrap_key_data(data.reshape(data.shape[-1:]), impl=impl)
         drop = lora_dropout(key, rate, site, name, entries.get(LAYER_INDEX))
-    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext(drop))
+    ids = getattr(self, ENTRY_PREFIX + ADAPTER_IDS, None)
+    ids = None if ids is None else ids[...].reshape(ids.shape[-1:])
+    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext(drop, ids))
+
+
+def _along_layers(value: jax.Array, layer_axis: int, layers: int) -> jax.Array:
+    """``value`` repeated along a stacked kernel's layer axis (put before its own axes), so that a scan over the
+    layers hands each layer ``value`` again (its shape then ``(1,) * layer_axis + value.shape``)."""
+    return jnp.broadcast_to(value, (1,) * layer_axis + (layers,) + value.shape)
 
 
 ENTRY_PREFIX = "jlora_"
+ADAPTER_IDS = "adapter_ids"  # (a stacked module's attribute ENTRY_PREFIX + this: each example's adapter, per layer)
 # the module classes whose stacked instances get a side path (exact types: a subclass may call differently); the
 # subclasses only override __call__, so an instance can change class in place
 _STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_call})
@@ -128,29 +137,31 @@ _STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_ca
 
 
 def _runs_stacked(node: AdaptedModule, module: Any) -> bool:
-    """Whether a stacked kernel's adapter can run unmerged: one adapter, LoRA factors only, and a module class
-    with a stacked side path."""
+    """Whether a stacked kernel's adapter(s) can run unmerged: LoRA factors (of one adapter or several) and a
+    module class with a stacked side path."""
     spec = node.spec
-    return (spec.layer_axis is not None and spec.has_lora and not spec.adapters and not spec.merged_in_call
-            and type(module) in _STACKED)
+    return spec.layer_axis is not None and spec.has_lora and not spec.merged_in_call and type(module) in _STACKED
 
 
 def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: jax.Array | None, site: int,
-                  name: str) -> None:
+                  name: str, adapter_ids: jax.Array | None = None) -> None:
     """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries
-    and, to apply ``lora_dropout``, the key's data repeated along the layer axis."""
+    and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
+    adapters, each example's adapter index (``adapter_ids``)."""
     spec = node.spec
     entries = side_entries(node)
     for key, value in entries.items():
         setattr(module, ENTRY_PREFIX + key, nnx.Param(value))
+    layers = node[spec.kernel_key].shape[spec.layer_axis]
     module.jlora_dropout = None
     if dropout_key is not None and spec.dropout > 0:
         typed = jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key)
         data = jax.random.key_data(dropout_key) if typed else dropout_key
-        layers = entries[LAYER_INDEX].shape[-1]
-        stacked = jnp.broadcast_to(data, (1,) * spec.layer_axis + (layers,) + data.shape)
-        setattr(module, ENTRY_PREFIX + "dropout_key", nnx.Param(stacked))
+        setattr(module, ENTRY_PREFIX + "dropout_key", nnx.Param(_along_layers(data, spec.layer_axis, layers)))
         module.jlora_dropout = (spec.dropout, site, name, jax.random.key_impl(dropout_key) if typed else None)
+    if spec.adapters:
+        ids = jnp.asarray(adapter_ids, jnp.int32)
+        setattr(module, ENTRY_PREFIX + ADAPTER_IDS, nnx.Param(_along_layers(ids, spec.layer_axis, layers)))
     module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), spec, side
     module.__class__ = _STACKED[type(module)]
 
@@ -201,15 +212,15 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     model = probe
     unplanned = sorted(sites[path].spec.peft_name for path in merged if not sites[path].spec.merged_in_call)
     if unplanned:
-        warnings.warn(f"jlora.nnx_model: no unmerged side path for {unplanned} (module class without one, or a "
-                      "stacked kernel with several adapters); their kernels are merged inside the "
-                      "call", stacklevel=2)
+        warnings.warn(f"jlora.nnx_model: no unmerged side path for {unplanned} (module class without one, or "
+                      "stacked layers whose adapters replace tensors); their kernels are merged inside the call",
+                      stacklevel=2)
     if merged:
         model = nnx.merge(graphdef, set_paths(plain, {path: merged_module(sites[path]) for path in merged}))
     for index, path in enumerate(sorted(stacked, key=str), start=len(side)):
         module = _at(model, path)
         _make_stacked(module, side_for(module, sites[path].spec), sites[path], lora_dropout_key, index,
-                      "/".join(map(str, path)))
+                      "/".join(map(str, path)), adapter_ids)
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])

@@ -433,6 +433,16 @@ def _nnx_conv_net():
     return graphdef, state, layout
 
 
+def _all_eqns(jaxpr):
+    """The equations of a jaxpr and of the jaxprs inside it (a scan's body, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
+
+
 def _assert_runs_unmerged(graphdef, state, lp, x, kernel_shapes: set, scan: bool = False) -> None:
     """jlora.nnx_model runs ``lp`` with no warning, equal to the merged model (which differs from the base), and
     its jaxpr (a scan's body included) adds nothing of ``kernel_shapes``: no kernel is merged."""
@@ -444,15 +454,7 @@ def _assert_runs_unmerged(graphdef, state, lp, x, kernel_shapes: set, scan: bool
     want = nnx.merge(graphdef, jlora.merge(lp))(x)
     assert rel_err(got, want) <= 1e-5 and rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
 
-    def all_eqns(jaxpr):  # the equations of a jaxpr and of the jaxprs inside it
-        for eqn in jaxpr.eqns:
-            yield eqn
-            for param in eqn.params.values():
-                inner = getattr(param, "jaxpr", param)
-                if hasattr(inner, "eqns"):
-                    yield from all_eqns(inner)
-
-    eqns = list(all_eqns(jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr))
+    eqns = list(_all_eqns(jax.make_jaxpr(lambda p: jlora.nnx_model(graphdef, p)(x))(lp).jaxpr))
     assert any(e.primitive.name == "scan" for e in eqns) == scan
     assert not {tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive.name == "add"} & kernel_shapes
 
@@ -589,6 +591,31 @@ def test_nnx_model_runs_stacked_layers_unmerged(use_dora):
     in_call = jax.grad(loss)(trainable, lambda p: nnx.merge(graphdef, jlora.merge(p)))
     for g, h in zip(jax.tree_util.tree_leaves(unmerged), jax.tree_util.tree_leaves(in_call), strict=True):
         assert rel_err(g, h) <= 1e-5
+
+
+def test_nnx_model_mixed_batch_in_stacked_layers(tmp_path):
+    """Several adapters on stacked NNX layers (nnx.vmap + nnx.scan): unmerged inside the scan (no warning, no
+    kernel-sized sum), each example with its own adapter's slices of the layer at hand: each row equals its
+    adapter alone (ranks 2 and 3, one adapter on some layers only), the -1 row the base model."""
+    graphdef, state, layout = _nnx_scanned_net()
+    names = [f"blocks.{i}.{m}" for i in range(3) for m in ("up", "down")]
+    configs = {"r2": jlora.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False),
+               "r3": jlora.LoraConfig(r=3, lora_alpha=5, target_modules=["up"], init_lora_weights=False,
+                                      layers_to_transform=[1, 2], layers_pattern="blocks")}
+    sources = {name: jlora.save(jlora.init(state, config, key=jax.random.key(seed), layout=layout, module_names=names),
+                                tmp_path / name) for seed, (name, config) in enumerate(configs.items())}
+    lp = jlora.load(state, sources, layout=layout)
+    assert lp["blocks"]["up"]["lora_A"].shape == (3, 2, 8, 3)  # (layers, adapters, in, widest rank)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+    ids = jnp.array([1, -1, 0])
+    forward = lambda p, a: jlora.nnx_model(graphdef, p, adapter_ids=a)(x)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(forward)(lp, ids)
+    _assert_rows_run_alone(got, graphdef, state, layout, {0: sources["r3"], 2: sources["r2"]}, x)
+    adds = {tuple(e.outvars[0].aval.shape) for e in _all_eqns(jax.make_jaxpr(forward)(lp, ids).jaxpr)
+            if e.primitive.name == "add"}
+    assert not adds & {(3, 8, 16), (8, 16), (3, 16, 8), (16, 8)}
 
 
 def test_nnx_model_stacked_layers_draw_a_dropout_mask_per_layer():
