@@ -11,7 +11,8 @@ written to ``$OUT/gpu_results.md`` (or ``--out``) after every section, so a run 
 1. base / wrap (unmerged; float32 LoRA branch as PEFT, and a bfloat16 adapter) / merged at T = 1, 16, 256,
    4096 tokens (batch 1), ratios as medians of per-round paired ratios with an A/A control (target:
    wrap/base <= 1.05 at every T), plus a prototype that is not jlora: A concatenated onto the kernel ahead
-   of time (one matmul gives x@W and x@A), to measure what that design would buy;
+   of time (one matmul gives x@W and x@A), to measure what that design would buy, and ``jlora.wrap(fused=True)``
+   (jlora's Pallas kernel computing x@W and the LoRA term in one pass);
 2. mixed batch with 16 adapters vs one adapter vs base, batch 8, T = 16 and 256 (target <= 1.10);
 3. PEFT unmerged / torch base on the same shapes (bf16 model, float32 adapter, CUDA);
 4. load (benchmark 1 of ``run.py``, quick) with the jax arrays and PEFT's model on the GPU.
@@ -185,6 +186,14 @@ def inference_section(cfg: dict, rounds: int, md: list[str], raw: dict) -> None:
     fused = fused_params(lp16)
     apply = lambda p, ids: model.apply({"params": flat(p)}, ids)  # noqa: E731
     f_base, f_again, f_wrap = jax.jit(apply), jax.jit(apply), jax.jit(jlora.wrap(apply))
+    f_kernel = jax.jit(jlora.wrap(apply, fused=True))  # jlora's fused LoRA matmul (Pallas)
+    try:  # (a Pallas kernel that does not compile here must not cost the rest of the table)
+        jax.block_until_ready(f_kernel(lp16, jnp.zeros((1, cfg["tokens"][0]), jnp.int32)))
+        kernel_error = ""
+    except Exception as err:  # noqa: BLE001 - reported in the table's notes
+        kernel_error = f"{type(err).__name__}: {str(err)[:500]}"
+        print(f"  wrap(fused=True) failed: {kernel_error}", flush=True)
+    on = lambda variant: {} if kernel_error else variant  # noqa: E731
     f_fused = jax.jit(lambda p, ids: fused_model.apply({"params": flat(p)}, ids))
 
     rows, counts = [], {}
@@ -192,35 +201,42 @@ def inference_section(cfg: dict, rounds: int, md: list[str], raw: dict) -> None:
         ids = jnp.asarray(np.random.default_rng(t).integers(0, cfg["vocab"], (1, t)), jnp.int32)
         ref = f_base(merged, ids).astype(jnp.float32)
         err = lambda out: float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))  # noqa: E731
-        errs = (err(f_wrap(lp, ids)), err(f_wrap(lp16, ids)), err(f_fused(fused, ids)))
+        errs = (err(f_wrap(lp, ids)), err(f_wrap(lp16, ids)), err(f_fused(fused, ids)),
+                *([] if kernel_error else [err(f_kernel(lp16, ids))]))
         if t == cfg["tokens"][0]:
             counts = {name: kernel_count(fn, tree, ids) for name, fn, tree in
                       [("base", f_base, params), ("wrap", f_wrap, lp), ("wrap (bf16 adapter)", f_wrap, lp16),
-                       ("[W|A] prototype", f_fused, fused)]}
+                       ("[W|A] prototype", f_fused, fused), *([] if kernel_error else
+                                                               [("wrap(fused=True)", f_kernel, lp16)])]}
         samples = interleaved({"base": lambda: jax.block_until_ready(f_base(params, ids)),
                                "base again": lambda: jax.block_until_ready(f_again(params, ids)),
                                "wrap": lambda: jax.block_until_ready(f_wrap(lp, ids)),
                                "wrap bf16": lambda: jax.block_until_ready(f_wrap(lp16, ids)),
                                "fused": lambda: jax.block_until_ready(f_fused(fused, ids)),
+                               **on({"wrap fused": lambda: jax.block_until_ready(f_kernel(lp16, ids))}),
                                "merged": lambda: jax.block_until_ready(f_base(merged, ids))}, rounds=rounds)
         raw[f"inference T={t}"] = samples
         wrap, aa = paired_ratio(samples, "wrap", "base"), paired_ratio(samples, "base again", "base")
         wrap16 = paired_ratio(samples, "wrap bf16", "base")
         rows.append([t, f"{np.median(samples['base']) * 1e3:.3f} ms", fmt_ratio(wrap),
                      check(wrap["median"], 1.05, noise=aa_noise(aa))["text"], fmt_ratio(wrap16),
-                     fmt_ratio(paired_ratio(samples, "fused", "base")), fmt_ratio(paired_ratio(samples, "merged", "base")),
+                     fmt_ratio(paired_ratio(samples, "fused", "base")),
+                     "failed" if kernel_error else fmt_ratio(paired_ratio(samples, "wrap fused", "base")),
+                     fmt_ratio(paired_ratio(samples, "merged", "base")),
                      fmt_ratio(aa), " / ".join(f"{e:.3g}" for e in errs)])
         print(f"  T={t}: wrap/base {fmt_ratio(wrap)}, bf16 adapter {fmt_ratio(wrap16)}", flush=True)
     md += [f"Decoder bf16, hidden {cfg['hidden']}, {cfg['layers']} layers, intermediate {cfg['intermediate']}, vocab "
            f"{cfg['vocab']}; adapter r={RANK} on all 7 projections (`jlora.init`, B nonzero); batch 1. `wrap` = "
            "jlora.wrap with the default float32 adapter (PEFT's precision: the LoRA branch in float32); `bf16 "
-           "adapter` = `dtype=bfloat16`; `[W|A]` = a prototype, not jlora (`FusedLoraDense` in bench_gpu.py: A concatenated onto the kernel ahead of time, one matmul gives x@W and x@A; bf16). Ratios: median of "
+           "adapter` = `dtype=bfloat16`; `[W|A]` = a prototype, not jlora (`FusedLoraDense` in bench_gpu.py: A concatenated onto the kernel ahead of time, one matmul gives x@W and x@A; bf16); `wrap(fused=True)` = jlora's fused LoRA matmul (one Pallas kernel per projection, bf16 adapter). Ratios: median of "
            "per-round paired ratios [quartiles] (ratio of the fastest samples), variants interleaved; A/A = the base "
-           "compiled twice. Max |difference| from the merged model's logits, for wrap / bf16 adapter / [W|A].", "",
+           "compiled twice. Max |difference| from the merged model's logits, for wrap / bf16 adapter / [W|A] / fused.", "",
            table(["T", "base", "wrap / base", "target <= 1.05", "bf16 adapter / base", "[W|A] / base",
-                  "merged / base", "A/A", "max |x - merged|"], rows), "",
+                  "wrap(fused=True) / base", "merged / base", "A/A", "max |x - merged|"], rows), "",
            f"Kernels per call at T={cfg['tokens'][0]} (fusions + library calls in the compiled program): "
            + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    if kernel_error:
+        md += [f"`wrap(fused=True)` failed: `{kernel_error}`", ""]
 
 
 def mixed_section(cfg: dict, rounds: int, tiny: bool, md: list[str], raw: dict) -> None:

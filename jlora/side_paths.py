@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax.linen.dtypes import promote_dtype
+
+from .fused_matmul import block_sizes, lora_matmul
 from .merge import dora_factor, factor_delta, is_grouped, part_masked_b, scaled_a, to_canonical
 from .errors import AdapterError
 from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, ModuleSpec
@@ -169,6 +172,27 @@ def dense_side(module, args, kwargs, y, entries, spec, ctx):
     x = ctx.lora_input(_input(args, kwargs), entries)
     lora = _contract(x, entries, (x.ndim - 1,), ctx, spec)
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
+
+
+def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
+    """An ``nn.Dense``'s output with its adapter added inside the matmul's own kernel
+    (:func:`~jlora.fused_matmul.lora_matmul`, in the module's dtype), or None when this call does not fit it
+    (several adapters, DoRA, ``lora_bias``, per-column scales, dropout, a custom dot or precision, or shapes the
+    kernel's blocks do not divide): the caller then runs the module and :func:`dense_side`."""
+    if (type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None
+            or module.precision is not None or spec.adapters or ctx.drop is not None or MAGNITUDE in entries
+            or LORA_BIAS in entries or entries[RANK_SCALE].ndim != 0 or entries[LORA_A].ndim != 2):
+        return None
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    promote = getattr(module, "promote_dtype", promote_dtype)
+    x, kernel, bias = promote(_input(args, kwargs), kernel, bias, dtype=module.dtype)
+    lead, (n_in, n_out) = x.shape[:-1], kernel.shape
+    if block_sizes(math.prod(lead), n_out, n_in) is None:
+        return None
+    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), entries[LORA_B].astype(x.dtype),
+                    entries[RANK_SCALE], jax.default_backend() != "gpu").reshape(*lead, n_out)
+    return y if bias is None else y + bias
 
 
 def dense_general_side(module, args, kwargs, y, entries, spec, ctx):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from .merge import merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
-from .side_paths import INPUT_TABLE, CallContext, side_for
+from .side_paths import INPUT_TABLE, CallContext, fused_dense, side_for
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule,
                    ModuleSpec, is_adapted, keyed)
 
@@ -86,9 +86,10 @@ class _Probe:
 
 
 def _interceptor(specs: dict[int, ModuleSpec], probe: _Probe | None, dropout_key: jax.Array | None = None,
-                 adapter_ids: jax.Array | None = None):
+                 adapter_ids: jax.Array | None = None, fused: bool = False):
     """Adds each adapted module's side path to its output. ``probe``: an abstract trace that records which
-    sites ran their side path and which side paths raised (those are merged in the call instead)."""
+    sites ran their side path and which side paths raised (those are merged in the call instead). ``fused``:
+    an ``nn.Dense`` that fits :func:`fused_dense` computes its output and adapter in one kernel instead."""
     def intercept(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -97,10 +98,13 @@ def _interceptor(specs: dict[int, ModuleSpec], probe: _Probe | None, dropout_key
         if side is None:
             return next_fun(*args, **kwargs)
         index, entries = site
-        y = next_fun(*args, **kwargs)
         drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path),
                             entries.get(LAYER_INDEX))
         ctx = CallContext(drop, adapter_ids)
+        out = fused_dense(context.module, args, kwargs, entries, specs[index], ctx) if fused else None
+        if out is not None:  # (real calls only: the probe runs dense_side, which handles the same modules)
+            return out
+        y = next_fun(*args, **kwargs)
         if probe is None:
             return side(context.module, args, kwargs, y, entries, specs[index], ctx)
         try:
@@ -129,7 +133,7 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) or hasattr(x, "__array__") and hasattr(x, "dtype")
 
 
-def wrap(fn: Callable) -> Callable:
+def wrap(fn: Callable, *, fused: bool = False) -> Callable:
     """``fn`` with every adapter in its arguments applied unmerged (``x@W + s*(x@A)@B``).
 
     Arguments holding LoRA params may be positional, keyword or nested (``{"params": lp}``); all
@@ -142,6 +146,11 @@ def wrap(fn: Callable) -> Callable:
 
     Training: pass ``lora_dropout_key=key`` to the wrapped function to apply the adapter's
     ``lora_dropout`` to the LoRA branch input (as PEFT in train mode); without it, no dropout.
+
+    ``fused=True`` (experimental, for GPUs): each plain ``nn.Dense`` with one adapter computes ``x@W`` and its
+    LoRA term in one Pallas kernel (:func:`jlora.fused_matmul.lora_matmul`) instead of three, in the module's
+    dtype with float32 accumulation (not PEFT's float32 LoRA branch and rounding); other modules run as usual.
+    Off a GPU the kernel runs in Pallas' interpreter: correct, slow.
 
     Example:
         >>> fwd = jax.jit(jlora.wrap(model.__call__))
@@ -226,7 +235,7 @@ def wrap(fn: Callable) -> Callable:
                           "the call, where the LoRA branch has no input of its own to drop", stacklevel=2)
         new_args, new_kwargs = rebuild(paths, leaves, treedef, sites, fallback)
         specs = {i: n.spec for i, n in sites.items()}
-        with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids)):
+        with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids, fused)):
             return fn(*new_args, **new_kwargs)
 
     return wrapped

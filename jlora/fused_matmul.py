@@ -1,0 +1,117 @@
+"""``lora_matmul``: ``x @ W + s * (x @ A) @ B`` as one Pallas kernel, for GPUs.
+
+On a GPU the unmerged side path costs two extra kernels per adapted matmul (``x @ A``, then ``(x @ A) @ B``
+with the add), and at small batches those launches, not their work, are most of its cost (see
+``benchmarks/DIAGNOSIS.md``, "GPU"). This kernel computes each ``(block_m, block_n)`` output tile's
+``x @ W`` and, in the same pass over ``x``, the rows' ``x @ A`` (``A`` has few columns: recomputing it per
+tile costs ``r / block_n`` of the tile's work), then adds ``s * (x @ A) @ B_tile`` before writing the tile:
+one kernel in place of the base matmul's own. Both products accumulate in float32 and the sum is rounded once
+to ``x``'s dtype, so it is the base dtype's precision, not PEFT's float32 LoRA branch (see :func:`jlora.wrap`'s
+``fused``). Block sizes follow the number of rows; on other platforms the kernel runs in Pallas' interpreter
+(``interpret=True``: for tests, slow).
+
+Example:
+    >>> y = lora_matmul(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)   # (M, N)
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# ranks are padded to a multiple of this (Triton's smallest dot dimension); zero columns of A and rows of B
+# change no output
+RANK_MULTIPLE = 16
+
+
+def block_sizes(m: int, n: int, k: int) -> tuple[int, int, int] | None:
+    """``(block_m, block_n, block_k)`` for an ``(m, k) @ (k, n)`` product, or None when the shape does not fit
+    the kernel (``n`` and ``k`` must be multiples of the blocks; rows may be ragged). Few rows: narrow column
+    blocks, so that enough programs run to fill the GPU."""
+    block_m = min(max(16, pl.next_power_of_2(m)), 64)
+    block_n = 32 if m <= 16 else 64 if m <= 64 else 128
+    block_k = 128 if m <= 64 else 64
+    while block_n > 16 and n % block_n:
+        block_n //= 2
+    while block_k > 16 and k % block_k:
+        block_k //= 2
+    if n % block_n or k % block_k:
+        return None
+    return block_m, block_n, block_k
+
+
+def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, block_k: int):
+    block_m, block_n = o_ref.shape
+
+    def step(i, carry):
+        acc, xa = carry
+        ks = pl.ds(i * block_k, block_k)
+        x = x_ref[:, ks]
+        acc = acc + jnp.dot(x, w_ref[ks, :], preferred_element_type=jnp.float32)
+        xa = xa + jnp.dot(x, a_ref[ks, :], preferred_element_type=jnp.float32)
+        return acc, xa
+
+    start = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, a_ref.shape[1]), jnp.float32))
+    acc, xa = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, start)
+    xa = (xa * s_ref[0]).astype(b_ref.dtype)
+    o_ref[...] = (acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)).astype(o_ref.dtype)
+
+
+def _pad_rank(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r = a.shape[1]
+    width = -(-r // RANK_MULTIPLE) * RANK_MULTIPLE
+    if width == r:
+        return a, b
+    return jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+                interpret: bool = False) -> jax.Array:
+    """``x @ w + scale * (x @ a) @ b`` in one kernel: ``x`` ``(M, K)``, ``w`` ``(K, N)``, ``a`` ``(K, r)``, ``b``
+    ``(r, N)`` (all of one dtype), ``scale`` a scalar; the result ``(M, N)`` in ``x``'s dtype. The shape must fit
+    :func:`block_sizes`. Differentiable: the backward pass is plain XLA matmuls.
+
+    Example:
+        >>> lora_matmul(x, w, a, b, jnp.float32(2.0)).shape
+        (1, 4096)
+    """
+    (m, k), n = x.shape, w.shape[1]
+    blocks = block_sizes(m, n, k)
+    if blocks is None:
+        raise ValueError(f"lora_matmul: ({m}, {k}) @ ({k}, {n}) does not fit the kernel's blocks")
+    block_m, block_n, block_k = blocks
+    a, b = _pad_rank(a, b)
+    r = a.shape[1]
+    return pl.pallas_call(
+        functools.partial(_kernel, block_k=block_k),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(pl.cdiv(m, block_m), n // block_n),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
+                  pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
+                  pl.BlockSpec((k, r), lambda i, j: (0, 0)),
+                  pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
+                  pl.BlockSpec((1,), lambda i, j: (0,))],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+        name="jlora_lora_matmul",
+    )(x, w, a, b, jnp.reshape(scale, (1,)).astype(jnp.float32))
+
+
+def _forward(x, w, a, b, scale, interpret):
+    return lora_matmul(x, w, a, b, scale, interpret), (x, w, a, b, scale)
+
+
+def _backward(interpret, saved, dy):
+    x, w, a, b, scale = saved
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    dy, xa = f32(dy), f32(x) @ f32(a)
+    dy_b = dy @ f32(b).T  # (M, r)
+    grads = (dy @ f32(w).T + scale * dy_b @ f32(a).T, f32(x).T @ dy, scale * f32(x).T @ dy_b, scale * xa.T @ dy,
+             jnp.sum(dy_b * xa))
+    return tuple(g.astype(v.dtype) for g, v in zip(grads, saved))
+
+
+lora_matmul.defvjp(_forward, _backward)

@@ -1,0 +1,95 @@
+"""The fused LoRA matmul (one Pallas kernel for x@W + s*(x@A)@B) and jlora.wrap(fused=True). On the CPU the kernel
+runs in Pallas' interpreter: these tests check its numbers, not its speed (benchmarks/bench_gpu.py does that)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jlora
+from adapter_files import tiny_llama, write_adapter
+from jlora.fused_matmul import block_sizes, lora_matmul
+from peft_twin import rel_err
+
+IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
+
+
+def _reference(x, w, a, b, scale):
+    f = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    return f(x) @ f(w) + scale * (f(x) @ f(a)) @ f(b)
+
+
+@pytest.mark.parametrize("m,k,n,r,dtype", [(1, 256, 128, 8, np.float32), (5, 128, 64, 16, np.float32),
+                                           (130, 128, 256, 20, np.float32), (40, 256, 96, 4, ml_dtypes.bfloat16)],
+                         ids=["one row", "ragged rows", "several row blocks, rank padded to 32", "bf16"])
+def test_lora_matmul_matches_the_formula(m, k, n, r, dtype):
+    rng = np.random.default_rng(0)
+    x, w, a, b = (rng.standard_normal(s).astype(dtype) for s in ((m, k), (k, n), (k, r), (r, n)))
+    got = lora_matmul(*map(jnp.asarray, (x, w, a, b)), jnp.float32(0.3), True)
+    assert got.shape == (m, n) and got.dtype == np.dtype(dtype)
+    want = _reference(x, w, a, b, 0.3)
+    tolerance = 1e-6 if dtype == np.float32 else 2 ** -7  # bf16: (x@A)*s and the output rounded once each
+    assert float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()) <= tolerance
+
+
+def test_lora_matmul_gradients_match_the_formula():
+    rng = np.random.default_rng(1)
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((5, 128), (128, 64), (128, 4), (4, 64))]
+    args.append(jnp.float32(0.7))
+    loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v)))  # noqa: E731
+    got = jax.grad(loss(lambda *v: lora_matmul(*v, True)), argnums=range(5))(*args)
+    want = jax.grad(loss(lambda x, w, a, b, s: x @ w + s * (x @ a) @ b), argnums=range(5))(*args)
+    for g, h in zip(got, want, strict=True):
+        assert rel_err(g, h) <= 1e-6
+
+
+def test_block_sizes_refuse_shapes_the_blocks_do_not_divide():
+    assert block_sizes(1, 4096, 4096) == (16, 32, 128)
+    assert block_sizes(1000, 4096, 11008) == (64, 128, 64)
+    assert block_sizes(3, 24, 40) is None  # 24 columns: no block of 16 or more divides them
+
+
+def _pallas_calls(fn, *args, **kwargs) -> int:
+    return str(jax.make_jaxpr(fn)(*args, **kwargs)).count("pallas_call")
+
+
+def test_wrap_fused_equals_unfused(tmp_path):
+    """Every adapted Dense of a tiny Llama runs in the fused kernel; logits equal the unfused path's, and the
+    gradients of a loss with respect to the adapter too."""
+    model = tiny_llama()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 3, "target_modules": ["q_proj", "v_proj"]}  # scale 3/4
+    lp = jlora.load(model.params, write_adapter(tmp_path / "a", config))
+    fused = jlora.wrap(model.__call__, fused=True)
+    want = jax.jit(jlora.wrap(model.__call__))(IDS, params=lp).logits
+    got = jax.jit(fused)(IDS, params=lp).logits
+    assert rel_err(got, want) <= 1e-5 and rel_err(want, model(IDS, params=model.params).logits) > 1e-3
+    adapted = len(list(jlora.tree.adapted_modules(lp)))
+    assert adapted >= 2 and _pallas_calls(fused, IDS, params=lp) == adapted
+
+    trainable, frozen = jlora.split(lp)
+
+    def loss(t, wrapped):
+        return jnp.sum(jnp.tanh(wrapped(IDS, params=jlora.combine(t, frozen)).logits))
+
+    for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, fused)),
+                    jax.tree_util.tree_leaves(jax.grad(loss)(trainable, jlora.wrap(model.__call__))), strict=True):
+        assert rel_err(g, h) <= 1e-5
+
+
+def test_wrap_fused_leaves_other_adapters_to_the_side_path():
+    """DoRA and mixed batches do not fit the kernel: they run unfused, with the same results as without fused."""
+    model = tiny_llama()
+
+    def made(seed, **config):
+        config = jlora.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, **config)
+        return jlora.init(model.params, config, key=jax.random.key(seed))
+
+    dora = made(0, r=4, use_dora=True)
+    fused = jlora.wrap(model.__call__, fused=True)
+    assert _pallas_calls(fused, IDS, params=dora) == 0
+    np.testing.assert_array_equal(fused(IDS, params=dora).logits, jlora.wrap(model.__call__)(IDS, params=dora).logits)
+    mixed = jlora.multi.stack_adapters(model.params, {"a": made(1, r=4), "b": made(2, r=2)})
+    assert _pallas_calls(fused, IDS, params=mixed, adapter_ids=jnp.array([1, 0])) == 0
+    assert _pallas_calls(fused, IDS, params=made(3, r=4)) == 4  # (the same model with a plain adapter: fused)
