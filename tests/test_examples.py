@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("multi_adapter.py", []),
     ("hot_swap.py", []),
     ("nnx_training.py", []),
+    ("fused_kernel.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
