@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # ranks are padded to a multiple of this (Triton's smallest dot dimension); zero columns of A and rows of B
 # change no output
@@ -42,13 +43,15 @@ def block_sizes(m: int, n: int, k: int) -> tuple[int, int, int] | None:
     return block_m, block_n, block_k
 
 
-def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, block_k: int):
+def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int):
     block_m, block_n = o_ref.shape
+    # the last row block may pass the array's end: its extra rows are neither read nor written (masks)
+    in_rows = (pl.program_id(0) * block_m + jnp.arange(block_m) < rows)[:, None]
 
     def step(i, carry):
         acc, xa = carry
         ks = pl.ds(i * block_k, block_k)
-        x = x_ref[:, ks]
+        x = plgpu.load(x_ref.at[:, ks], mask=in_rows, other=0)
         acc = acc + jnp.dot(x, w_ref[ks, :], preferred_element_type=jnp.float32)
         xa = xa + jnp.dot(x, a_ref[ks, :], preferred_element_type=jnp.float32)
         return acc, xa
@@ -56,7 +59,8 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, block_k: int):
     start = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, a_ref.shape[1]), jnp.float32))
     acc, xa = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, start)
     xa = (xa * s_ref[0]).astype(b_ref.dtype)
-    o_ref[...] = (acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)).astype(o_ref.dtype)
+    out = acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=in_rows)
 
 
 def _pad_rank(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,7 +90,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     a, b = _pad_rank(a, b)
     r = a.shape[1]
     return pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k),
+        functools.partial(_kernel, rows=m, block_k=block_k),
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         grid=(pl.cdiv(m, block_m), n // block_n),
         in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
@@ -96,6 +100,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
                   pl.BlockSpec((1,), lambda i, j: (0,))],
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
         name="jlora_lora_matmul",
     )(x, w, a, b, jnp.reshape(scale, (1,)).astype(jnp.float32))
 
