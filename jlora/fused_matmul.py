@@ -1,14 +1,15 @@
-"""``lora_matmul``: ``x @ W + s * (x @ A) @ B`` as one Pallas kernel, for GPUs.
+"""``lora_matmul``: ``x @ W + ((x @ A) * s) @ B`` as one Pallas kernel, for GPUs.
 
 On a GPU the unmerged side path costs two extra kernels per adapted matmul (``x @ A``, then ``(x @ A) @ B``
 with the add), and at small batches those launches, not their work, are most of its cost (see
 ``benchmarks/DIAGNOSIS.md``, "GPU"). This kernel computes each ``(block_m, block_n)`` output tile's
 ``x @ W`` and, in the same pass over ``x``, the rows' ``x @ A`` (``A`` has few columns: recomputing it per
-tile costs ``r / block_n`` of the tile's work), then adds ``s * (x @ A) @ B_tile`` before writing the tile:
-one kernel in place of the base matmul's own. Both products accumulate in float32 and the sum is rounded once
-to ``x``'s dtype, so it is the base dtype's precision, not PEFT's float32 LoRA branch (see :func:`jlora.wrap`'s
-``fused``). Block sizes follow the number of rows; on other platforms the kernel runs in Pallas' interpreter
-(``interpret=True``: for tests, slow).
+tile costs ``r / block_n`` of the tile's work), then adds ``((x @ A) * s) @ B_tile`` before writing the tile:
+one kernel in place of the base matmul's own. ``s`` is a scalar or one scale per rank column (stacked and
+fused kernels). Both products accumulate in float32 and the sum is rounded once to ``x``'s dtype, so it is the
+base dtype's precision, not PEFT's float32 LoRA branch (see :func:`jlora.wrap`'s ``fused``). Block sizes
+follow the number of rows; on other platforms the kernel runs in Pallas' interpreter (``interpret=True``: for
+tests, slow).
 
 Example:
     >>> y = lora_matmul(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)   # (M, N)
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# ranks are padded to a multiple of this (Triton's smallest dot dimension); zero columns of A and rows of B
-# change no output
-RANK_MULTIPLE = 16
+# ranks are padded to a power of two of at least this (Triton's smallest dot dimension; its loads take power-of-two
+# shapes); zero columns of A, rows of B and scales change no output
+MIN_RANK = 16
 
 
 def block_sizes(m: int, n: int, k: int) -> tuple[int, int, int] | None:
@@ -58,25 +59,28 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int
 
     start = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, a_ref.shape[1]), jnp.float32))
     acc, xa = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, start)
-    xa = (xa * s_ref[0]).astype(b_ref.dtype)
+    xa = (xa * s_ref[...][None, :]).astype(b_ref.dtype)
     out = acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=in_rows)
 
 
-def _pad_rank(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _pad_rank(a: jax.Array, b: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``a``, ``b`` and the per-column ``scale`` (from a scalar or ``(r,)``) with the rank padded (see ``MIN_RANK``)."""
     r = a.shape[1]
-    width = -(-r // RANK_MULTIPLE) * RANK_MULTIPLE
+    width = max(MIN_RANK, pl.next_power_of_2(r))
+    scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (r,))
     if width == r:
-        return a, b
-    return jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0)))
+        return a, b, scale
+    return (jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0))),
+            jnp.pad(scale, (0, width - r)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
                 interpret: bool = False) -> jax.Array:
-    """``x @ w + scale * (x @ a) @ b`` in one kernel: ``x`` ``(M, K)``, ``w`` ``(K, N)``, ``a`` ``(K, r)``, ``b``
-    ``(r, N)`` (all of one dtype), ``scale`` a scalar; the result ``(M, N)`` in ``x``'s dtype. The shape must fit
-    :func:`block_sizes`. Differentiable: the backward pass is plain XLA matmuls.
+    """``x @ w + ((x @ a) * scale) @ b`` in one kernel: ``x`` ``(M, K)``, ``w`` ``(K, N)``, ``a`` ``(K, r)``, ``b``
+    ``(r, N)`` (all of one dtype), ``scale`` a scalar or one per rank column ``(r,)``; the result ``(M, N)`` in
+    ``x``'s dtype. The shape must fit :func:`block_sizes`. Differentiable: the backward pass is plain XLA matmuls.
 
     Example:
         >>> lora_matmul(x, w, a, b, jnp.float32(2.0)).shape
@@ -87,7 +91,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     if blocks is None:
         raise ValueError(f"lora_matmul: ({m}, {k}) @ ({k}, {n}) does not fit the kernel's blocks")
     block_m, block_n, block_k = blocks
-    a, b = _pad_rank(a, b)
+    a, b, scale = _pad_rank(a, b, scale)
     r = a.shape[1]
     return pl.pallas_call(
         functools.partial(_kernel, rows=m, block_k=block_k),
@@ -97,12 +101,12 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
                   pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
                   pl.BlockSpec((k, r), lambda i, j: (0, 0)),
                   pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
-                  pl.BlockSpec((1,), lambda i, j: (0,))],
+                  pl.BlockSpec((r,), lambda i, j: (0,))],
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
         name="jlora_lora_matmul",
-    )(x, w, a, b, jnp.reshape(scale, (1,)).astype(jnp.float32))
+    )(x, w, a, b, scale)
 
 
 def _forward(x, w, a, b, scale, interpret):
@@ -112,10 +116,11 @@ def _forward(x, w, a, b, scale, interpret):
 def _backward(interpret, saved, dy):
     x, w, a, b, scale = saved
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
-    dy, xa = f32(dy), f32(x) @ f32(a)
+    dy, xa, s = f32(dy), f32(x) @ f32(a), f32(scale)
     dy_b = dy @ f32(b).T  # (M, r)
-    grads = (dy @ f32(w).T + scale * dy_b @ f32(a).T, f32(x).T @ dy, scale * f32(x).T @ dy_b, scale * xa.T @ dy,
-             jnp.sum(dy_b * xa))
+    d_scale = jnp.sum(dy_b * xa, axis=0)
+    grads = (dy @ f32(w).T + (dy_b * s) @ f32(a).T, f32(x).T @ dy, f32(x).T @ (dy_b * s), (xa * s).T @ dy,
+             d_scale.sum() if scale.ndim == 0 else d_scale)
     return tuple(g.astype(v.dtype) for g, v in zip(grads, saved))
 
 

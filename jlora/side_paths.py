@@ -177,11 +177,11 @@ def dense_side(module, args, kwargs, y, entries, spec, ctx):
 def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
     """An ``nn.Dense``'s output with its adapter added inside the matmul's own kernel
     (:func:`~jlora.fused_matmul.lora_matmul`, in the module's dtype), or None when this call does not fit it
-    (several adapters, DoRA, ``lora_bias``, per-column scales, dropout, a custom dot or precision, or shapes the
-    kernel's blocks do not divide): the caller then runs the module and :func:`dense_side`."""
+    (several adapters, DoRA, ``lora_bias``, dropout, a custom dot or precision, or shapes the kernel's blocks do
+    not divide): the caller then runs the module and :func:`dense_side`."""
     if (type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None
             or module.precision is not None or spec.adapters or ctx.drop is not None or MAGNITUDE in entries
-            or LORA_BIAS in entries or entries[RANK_SCALE].ndim != 0 or entries[LORA_A].ndim != 2):
+            or LORA_BIAS in entries or entries[LORA_A].ndim != 2):
         return None
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
@@ -190,8 +190,10 @@ def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
     lead, (n_in, n_out) = x.shape[:-1], kernel.shape
     if block_sizes(math.prod(lead), n_out, n_in) is None:
         return None
-    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), entries[LORA_B].astype(x.dtype),
-                    entries[RANK_SCALE], jax.default_backend() != "gpu").reshape(*lead, n_out)
+    scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
+    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), _b(entries, spec).astype(x.dtype),
+                    scale if scale.ndim == 0 else scale.reshape(-1), jax.default_backend() != "gpu")
+    y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
 
 

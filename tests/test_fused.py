@@ -34,15 +34,16 @@ def test_lora_matmul_matches_the_formula(m, k, n, r, dtype):
     assert float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()) <= tolerance
 
 
-def test_lora_matmul_gradients_match_the_formula():
+@pytest.mark.parametrize("scale", [0.7, np.array([0.5, -1.0, 2.0, 0.25], np.float32)], ids=["scalar", "per column"])
+def test_lora_matmul_gradients_match_the_formula(scale):
     rng = np.random.default_rng(1)
     args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((5, 128), (128, 64), (128, 4), (4, 64))]
-    args.append(jnp.float32(0.7))
+    args.append(jnp.asarray(scale, jnp.float32))
     loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v)))  # noqa: E731
     got = jax.grad(loss(lambda *v: lora_matmul(*v, True)), argnums=range(5))(*args)
-    want = jax.grad(loss(lambda x, w, a, b, s: x @ w + s * (x @ a) @ b), argnums=range(5))(*args)
+    want = jax.grad(loss(lambda x, w, a, b, s: x @ w + ((x @ a) * s) @ b), argnums=range(5))(*args)
     for g, h in zip(got, want, strict=True):
-        assert rel_err(g, h) <= 1e-6
+        assert g.shape == h.shape and rel_err(g, h) <= 1e-6
 
 
 @pytest.mark.parametrize("m,n", [(1, 11008), (16, 4096), (256, 4096), (1000, 11008)])
@@ -91,6 +92,37 @@ def test_wrap_fused_equals_unfused(tmp_path):
     for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, fused)),
                     jax.tree_util.tree_leaves(jax.grad(loss)(trainable, jlora.wrap(model.__call__))), strict=True):
         assert rel_err(g, h) <= 1e-5
+
+
+def test_wrap_fused_in_scanned_layers():
+    """A Dense inside nn.scan (a stacked kernel: per-column scales, one layer's slice per step) runs fused, equal to
+    the side path, including a layer the adapter leaves alone (zero factors there)."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + jnp.tanh(nn.Dense(64, use_bias=False, name="lin")(x)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="blocks")(
+                x, None)[0]
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 64)), jnp.float32)
+    params = Stack().init(jax.random.key(0), x)["params"]
+    layout = jlora.Layout([jlora.Rule(r"blocks\.(?P<layer>\d+)\.lin", "blocks/lin/kernel", "o i -> layer i o")])
+    config = jlora.LoraConfig(r=3, lora_alpha=5, target_modules=["lin"], init_lora_weights=False,
+                              layers_to_transform=[0, 2], layers_pattern="blocks")
+    lp = jlora.init(params, config, key=jax.random.key(1), layout=layout,
+                    module_names=[f"blocks.{i}.lin" for i in range(3)])
+    assert lp["blocks"]["lin"]["lora_scale"].ndim > 0
+    fused = jlora.wrap(Stack().apply, fused=True)
+    want = jax.jit(jlora.wrap(Stack().apply))({"params": lp}, x)
+    assert rel_err(jax.jit(fused)({"params": lp}, x), want) <= 1e-5
+    assert rel_err(want, Stack().apply({"params": params}, x)) > 1e-3
+    assert _pallas_calls(fused, {"params": lp}, x) == 1  # (the scan's body)
 
 
 def test_wrap_fused_leaves_other_adapters_to_the_side_path():
