@@ -8,8 +8,8 @@ tile costs ``r / block_n`` of the tile's work), then adds ``((x @ A) * s) @ B_ti
 one kernel in place of the base matmul's own. ``s`` is a scalar or one scale per rank column (stacked and
 fused kernels). Both products accumulate in float32 and the sum is rounded once to ``x``'s dtype, so it is the
 base dtype's precision, not PEFT's float32 LoRA branch (see :func:`jlora.wrap`'s ``fused``). Block sizes
-follow the number of rows; on other platforms the kernel runs in Pallas' interpreter (``interpret=True``: for
-tests, slow).
+follow the number of rows. Lowered for another platform than a GPU, the same formula runs as plain XLA matmuls
+(``interpret=True`` runs the kernel in Pallas' interpreter instead: for tests, slow).
 
 Example:
     >>> y = lora_matmul(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)   # (M, N)
@@ -80,7 +80,9 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
                 interpret: bool = False) -> jax.Array:
     """``x @ w + ((x @ a) * scale) @ b`` in one kernel: ``x`` ``(M, K)``, ``w`` ``(K, N)``, ``a`` ``(K, r)``, ``b``
     ``(r, N)`` (all of one dtype), ``scale`` a scalar or one per rank column ``(r,)``; the result ``(M, N)`` in
-    ``x``'s dtype. The shape must fit :func:`block_sizes`. Differentiable: the backward pass is plain XLA matmuls.
+    ``x``'s dtype. The shape must fit :func:`block_sizes`. The Triton kernel runs where the computation is lowered
+    for a GPU (CUDA or ROCm); elsewhere the same formula runs as plain XLA matmuls, or, with ``interpret=True``,
+    the kernel itself in Pallas' interpreter (for tests: slow). Differentiable: the backward pass is plain XLA.
 
     Example:
         >>> lora_matmul(x, w, a, b, jnp.float32(2.0)).shape
@@ -93,20 +95,33 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     block_m, block_n, block_k = blocks
     a, b, scale = _pad_rank(a, b, scale)
     r = a.shape[1]
-    return pl.pallas_call(
-        functools.partial(_kernel, rows=m, block_k=block_k),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(pl.cdiv(m, block_m), n // block_n),
-        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-                  pl.BlockSpec((k, r), lambda i, j: (0, 0)),
-                  pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
-                  pl.BlockSpec((r,), lambda i, j: (0,))],
-        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-        interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
-        name="jlora_lora_matmul",
-    )(x, w, a, b, scale)
+
+    def kernel(*operands, interpret: bool = False):
+        return pl.pallas_call(
+            functools.partial(_kernel, rows=m, block_k=block_k),
+            out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+            grid=(pl.cdiv(m, block_m), n // block_n),
+            in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
+                      pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
+                      pl.BlockSpec((k, r), lambda i, j: (0, 0)),
+                      pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
+                      pl.BlockSpec((r,), lambda i, j: (0,))],
+            out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+            interpret=interpret,
+            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
+            name="jlora_lora_matmul",
+        )(*operands)
+
+    if interpret:
+        return kernel(x, w, a, b, scale, interpret=True)
+    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=kernel, rocm=kernel, default=_plain)
+
+
+def _plain(x, w, a, b, scale):
+    """The kernel's formula and rounding as XLA matmuls (float32 accumulation, one rounding to ``x``'s dtype)."""
+    xa = (jnp.dot(x, a, preferred_element_type=jnp.float32) * scale).astype(b.dtype)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32) + jnp.dot(xa, b, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
 
 
 def _forward(x, w, a, b, scale, interpret):

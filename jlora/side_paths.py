@@ -53,6 +53,10 @@ INPUT_TABLE = "input_table"
 # faster; 64 MB: 47 vs 14 ms, one at a time faster and 8x less temporary memory).
 PER_EXAMPLE_COPY_LIMIT = 16 * 2**20
 
+# fused_dense's kernel in Pallas' interpreter wherever it runs (tests set this to check the kernel itself on the
+# CPU; otherwise the kernel runs on GPUs and its formula as plain XLA matmuls elsewhere)
+FUSED_IN_INTERPRETER = False
+
 # side(module, args, kwargs, y, entries, spec, ctx) -> output
 SidePath = Callable[[nn.Module, tuple, dict, jax.Array, dict, ModuleSpec, CallContext], jax.Array]
 
@@ -192,7 +196,7 @@ def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
         return None
     scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
     y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), _b(entries, spec).astype(x.dtype),
-                    scale if scale.ndim == 0 else scale.reshape(-1), jax.default_backend() != "gpu")
+                    scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
     y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
 

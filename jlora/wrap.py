@@ -150,7 +150,7 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
     ``fused=True`` (experimental, for GPUs): each plain ``nn.Dense`` with one adapter computes ``x@W`` and its
     LoRA term in one Pallas kernel (:func:`jlora.fused_matmul.lora_matmul`) instead of three, in the module's
     dtype with float32 accumulation (not PEFT's float32 LoRA branch and rounding); other modules run as usual.
-    Off a GPU the kernel runs in Pallas' interpreter: correct, slow.
+    Lowered for another platform, the same formula runs as plain XLA matmuls.
 
     Example:
         >>> fwd = jax.jit(jlora.wrap(model.__call__))

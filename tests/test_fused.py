@@ -1,5 +1,6 @@
 """The fused LoRA matmul (one Pallas kernel for x@W + s*(x@A)@B) and jlora.wrap(fused=True). On the CPU the kernel
-runs in Pallas' interpreter: these tests check its numbers, not its speed (benchmarks/bench_gpu.py does that)."""
+runs in Pallas' interpreter here: these tests check its numbers, not its speed (benchmarks/bench_gpu.py does that).
+Off a GPU, wrap(fused=True) itself runs the kernel's formula as plain XLA matmuls (tested too)."""
 from __future__ import annotations
 
 import jax
@@ -10,10 +11,17 @@ import pytest
 
 import jlora
 from adapter_files import tiny_llama, write_adapter
+from jlora import side_paths
 from jlora.fused_matmul import block_sizes, lora_matmul
 from peft_twin import rel_err
 
 IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """wrap(fused=True) runs the kernel itself (in Pallas' interpreter) instead of its plain-XLA form."""
+    monkeypatch.setattr(side_paths, "FUSED_IN_INTERPRETER", True)
 
 
 def _reference(x, w, a, b, scale):
@@ -27,11 +35,12 @@ def _reference(x, w, a, b, scale):
 def test_lora_matmul_matches_the_formula(m, k, n, r, dtype):
     rng = np.random.default_rng(0)
     x, w, a, b = (rng.standard_normal(s).astype(dtype) for s in ((m, k), (k, n), (k, r), (r, n)))
-    got = lora_matmul(*map(jnp.asarray, (x, w, a, b)), jnp.float32(0.3), True)
-    assert got.shape == (m, n) and got.dtype == np.dtype(dtype)
     want = _reference(x, w, a, b, 0.3)
     tolerance = 1e-6 if dtype == np.float32 else 2 ** -7  # bf16: (x@A)*s and the output rounded once each
-    assert float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()) <= tolerance
+    for interpret in (True, False):  # the kernel (interpreted), and its plain-XLA form used off a GPU
+        got = lora_matmul(*map(jnp.asarray, (x, w, a, b)), jnp.float32(0.3), interpret)
+        assert got.shape == (m, n) and got.dtype == np.dtype(dtype)
+        assert float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()) <= tolerance
 
 
 @pytest.mark.parametrize("scale", [0.7, np.array([0.5, -1.0, 2.0, 0.25], np.float32)], ids=["scalar", "per column"])
@@ -71,7 +80,7 @@ def _pallas_calls(fn, *args, **kwargs) -> int:
     return str(jax.make_jaxpr(fn)(*args, **kwargs)).count("pallas_call")
 
 
-def test_wrap_fused_equals_unfused(tmp_path):
+def test_wrap_fused_equals_unfused(tmp_path, interpreted):
     """Every adapted Dense of a tiny Llama runs in the fused kernel; logits equal the unfused path's, and the
     gradients of a loss with respect to the adapter too."""
     model = tiny_llama()
@@ -94,7 +103,7 @@ def test_wrap_fused_equals_unfused(tmp_path):
         assert rel_err(g, h) <= 1e-5
 
 
-def test_wrap_fused_in_scanned_layers():
+def test_wrap_fused_in_scanned_layers(interpreted):
     """A Dense inside nn.scan (a stacked kernel: per-column scales, one layer's slice per step) runs fused, equal to
     the side path, including a layer the adapter leaves alone (zero factors there)."""
     import flax.linen as nn
@@ -125,7 +134,7 @@ def test_wrap_fused_in_scanned_layers():
     assert _pallas_calls(fused, {"params": lp}, x) == 1  # (the scan's body)
 
 
-def test_wrap_fused_leaves_other_adapters_to_the_side_path():
+def test_wrap_fused_leaves_other_adapters_to_the_side_path(interpreted):
     """DoRA and mixed batches do not fit the kernel: they run unfused, with the same results as without fused."""
     model = tiny_llama()
 
@@ -140,3 +149,16 @@ def test_wrap_fused_leaves_other_adapters_to_the_side_path():
     mixed = jlora.multi.stack_adapters(model.params, {"a": made(1, r=4), "b": made(2, r=2)})
     assert _pallas_calls(fused, IDS, params=mixed, adapter_ids=jnp.array([1, 0])) == 0
     assert _pallas_calls(fused, IDS, params=made(3, r=4)) == 4  # (the same model with a plain adapter: fused)
+
+
+def test_wrap_fused_off_a_gpu_runs_plain_matmuls(tmp_path, monkeypatch):
+    """Lowered for the CPU, wrap(fused=True) runs the kernel's formula as XLA matmuls (no interpreter loop in the
+    program), equal to the side path; with the kernel itself (interpreted) the program has the grid's loop."""
+    model = tiny_llama()
+    lp = jlora.load(model.params, write_adapter(tmp_path / "a"))
+    fused = jax.jit(jlora.wrap(model.__call__, fused=True))
+    want = jax.jit(jlora.wrap(model.__call__))(IDS, params=lp).logits
+    assert rel_err(fused(IDS, params=lp).logits, want) <= 1e-5
+    assert "stablehlo.while" not in fused.lower(IDS, params=lp).as_text()
+    monkeypatch.setattr(side_paths, "FUSED_IN_INTERPRETER", True)
+    assert "stablehlo.while" in jax.jit(jlora.wrap(model.__call__, fused=True)).lower(IDS, params=lp).as_text()
