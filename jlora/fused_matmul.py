@@ -65,14 +65,16 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int
 
 
 def _pad_rank(a: jax.Array, b: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``a``, ``b`` and the per-column ``scale`` (from a scalar or ``(r,)``) with the rank padded (see ``MIN_RANK``)."""
+    """``a``, ``b`` and ``scale`` (as ``(1,)`` for one scale, else ``(r,)``) with the rank padded to a power of two
+    of at least ``MIN_RANK`` (ranks 16, 32, 64, ... need no padding: no extra kernels per call)."""
     r = a.shape[1]
     width = max(MIN_RANK, pl.next_power_of_2(r))
-    scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (r,))
+    scale = jnp.reshape(scale.astype(jnp.float32), (-1,))
     if width == r:
         return a, b, scale
-    return (jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0))),
-            jnp.pad(scale, (0, width - r)))
+    if scale.shape[0] == r:
+        scale = jnp.pad(scale, (0, width - r))
+    return jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0))), scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -105,7 +107,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
                       pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
                       pl.BlockSpec((k, r), lambda i, j: (0, 0)),
                       pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
-                      pl.BlockSpec((r,), lambda i, j: (0,))],
+                      pl.BlockSpec(scale.shape, lambda i, j: (0,))],
             out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
             interpret=interpret,
             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
