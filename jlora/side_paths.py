@@ -20,11 +20,10 @@ from typing import Callable
 
 import flax.linen as nn
 from flax import nnx
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from flax.linen.dtypes import promote_dtype
 
 from .fused_matmul import block_sizes, lora_matmul
 from .merge import dora_factor, factor_delta, is_grouped, part_masked_b, scaled_a, to_canonical
