@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .merge import merged_module, plain_module, tied_head_columns
-from .side_paths import CallContext, side_for
+from .side_paths import CallContext, fused_nnx_linear, side_for
 from .tree import AdaptedModule, ModuleSpec, is_adapted, keyed, set_paths
 from .wrap import LAYER_INDEX, lora_dropout, require_adapter_ids, side_entries
 
@@ -92,10 +92,15 @@ class _ConvDown:
 class _SideCaller:
     """Stands in for an adapted NNX module: the module's own call, plus its side path."""
 
-    def __init__(self, module: nnx.Module, side, entries: dict, spec: ModuleSpec, ctx: CallContext):
+    def __init__(self, module: nnx.Module, side, entries: dict, spec: ModuleSpec, ctx: CallContext,
+                 fused: bool = False):
         self.module, self.side, self.entries, self.spec, self.ctx = module, side, entries, spec, ctx
+        self.fused = fused and type(module) is nnx.Linear  # (a subclass may compute otherwise)
 
     def __call__(self, *args, **kwargs):
+        if self.fused and (out := fused_nnx_linear(self.module, args, kwargs, self.entries, self.spec,
+                                                    self.ctx)) is not None:
+            return out
         y = self.module(*args, **kwargs)
         return self.side(_NnxModuleView(self.module), args, kwargs, y, self.entries, self.spec, self.ctx)
 
@@ -108,7 +113,6 @@ def _stacked_call(self, *args, **kwargs):
     entries are ``nnx.Param`` attributes with the kernel's layer axis: the scan slices them with the kernel, and
     the side path adds the adapter of the layer at hand to the module's own output (with that layer's own
     ``lora_dropout`` mask: the dropout key is stacked along the layer axis too, and the layer index folded in)."""
-    y = super(type(self), self).__call__(*args, **kwargs)
     entries = {key: getattr(self, ENTRY_PREFIX + key)[...] for key in self.jlora_entries}
     drop = None
     if self.jlora_dropout is not None:
@@ -119,7 +123,11 @@ def _stacked_call(self, *args, **kwargs):
         drop = lora_dropout(key, rate, site, name, entries.get(LAYER_INDEX))
     ids = getattr(self, ENTRY_PREFIX + ADAPTER_IDS, None)
     ids = None if ids is None else ids[...].reshape(ids.shape[-1:])
-    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, CallContext(drop, ids))
+    ctx = CallContext(drop, ids)
+    if self.jlora_fused and (out := fused_nnx_linear(self, args, kwargs, entries, self.jlora_spec, ctx)) is not None:
+        return out
+    y = super(type(self), self).__call__(*args, **kwargs)
+    return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, ctx)
 
 
 def _along_layers(value: jax.Array, layer_axis: int, layers: int) -> jax.Array:
@@ -144,10 +152,10 @@ def _runs_stacked(node: AdaptedModule, module: Any) -> bool:
 
 
 def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: jax.Array | None, site: int,
-                  name: str, adapter_ids: jax.Array | None = None) -> None:
+                  name: str, adapter_ids: jax.Array | None = None, fused: bool = False) -> None:
     """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries
     and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
-    adapters, each example's adapter index (``adapter_ids``)."""
+    adapters, each example's adapter index (``adapter_ids``). ``fused``: an ``nnx.Linear`` tries the fused kernel."""
     spec = node.spec
     entries = side_entries(node)
     for key, value in entries.items():
@@ -163,6 +171,7 @@ def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: ja
         ids = jnp.asarray(adapter_ids, jnp.int32)
         setattr(module, ENTRY_PREFIX + ADAPTER_IDS, nnx.Param(_along_layers(ids, spec.layer_axis, layers)))
     module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), spec, side
+    module.jlora_fused = fused and type(module) is nnx.Linear
     module.__class__ = _STACKED[type(module)]
 
 
@@ -184,12 +193,13 @@ def _replace_child(node: Any, key: Any, value: Any) -> None:
 
 
 def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | None = None,
-              adapter_ids: jax.Array | None = None) -> nnx.Module:
+              adapter_ids: jax.Array | None = None, fused: bool = False) -> nnx.Module:
     """``nnx.merge(graphdef, ...)`` of a LoRA parameter tree (from ``jlora.load(nnx_state, ...)``), with
     every adapted ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` / ``Conv`` running its adapter unmerged.
 
     ``lora_dropout_key``: apply the adapter's ``lora_dropout`` (training, as PEFT in train mode).
     ``adapter_ids``: each example's adapter index for a tree holding several adapters (-1 = base).
+    ``fused`` (experimental, for GPUs): as :func:`jlora.wrap`'s, for ``nnx.Linear`` modules (stacked ones too).
 
     Example:
         >>> def loss(trainable, frozen, ids):
@@ -220,12 +230,12 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     for index, path in enumerate(sorted(stacked, key=str), start=len(side)):
         module = _at(model, path)
         _make_stacked(module, side_for(module, sites[path].spec), sites[path], lora_dropout_key, index,
-                      "/".join(map(str, path)), adapter_ids)
+                      "/".join(map(str, path)), adapter_ids, fused)
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])
         drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
         caller = _SideCaller(_child(parent, path[-1]), side[path], side_entries(node), node.spec,
-                             CallContext(drop, adapter_ids))
+                             CallContext(drop, adapter_ids), fused)
         _replace_child(parent, path[-1], caller)
     return model

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -177,27 +178,56 @@ def dense_side(module, args, kwargs, y, entries, spec, ctx):
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
 
 
+def _fits_fused(entries: dict, spec: ModuleSpec, ctx: CallContext) -> bool:
+    """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul`: one plain LoRA (no several
+    adapters, DoRA, ``lora_bias`` or dropout) on a 2-D kernel (a stacked one sliced to its layer)."""
+    return not (spec.adapters or ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries
+                or entries[LORA_A].ndim != 2)
+
+
+def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict,
+                  spec: ModuleSpec) -> jax.Array | None:
+    """``x @ kernel + bias`` (``x`` ``(..., in)``, dtypes already promoted) with the adapter added inside the
+    matmul's kernel, or None when the kernel's blocks do not divide the shape."""
+    lead, (n_in, n_out) = x.shape[:-1], kernel.shape
+    if block_sizes(math.prod(lead), n_out, n_in) is None:
+        return None
+    if entries[LORA_A].dtype != x.dtype:
+        warnings.warn(f"fused=True: an adapter in {entries[LORA_A].dtype} on modules computing in {x.dtype} is cast "
+                      f"on every call (one more kernel each for A and B); load it with dtype=jnp.{x.dtype}",
+                      stacklevel=2)
+    scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
+    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), _b(entries, spec).astype(x.dtype),
+                    scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
+    y = y.reshape(*lead, n_out)
+    return y if bias is None else y + bias
+
+
 def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
     """An ``nn.Dense``'s output with its adapter added inside the matmul's own kernel
     (:func:`~jlora.fused_matmul.lora_matmul`, in the module's dtype), or None when this call does not fit it
     (several adapters, DoRA, ``lora_bias``, dropout, a custom dot or precision, or shapes the kernel's blocks do
     not divide): the caller then runs the module and :func:`dense_side`."""
     if (type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None
-            or module.precision is not None or spec.adapters or ctx.drop is not None or MAGNITUDE in entries
-            or LORA_BIAS in entries or entries[LORA_A].ndim != 2):
+            or module.precision is not None or not _fits_fused(entries, spec, ctx)):
         return None
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     promote = getattr(module, "promote_dtype", promote_dtype)
     x, kernel, bias = promote(_input(args, kwargs), kernel, bias, dtype=module.dtype)
-    lead, (n_in, n_out) = x.shape[:-1], kernel.shape
-    if block_sizes(math.prod(lead), n_out, n_in) is None:
+    return _fused_linear(x, kernel, bias, entries, spec)
+
+
+def fused_nnx_linear(module: nnx.Linear, args, kwargs, entries, spec, ctx) -> jax.Array | None:
+    """:func:`fused_dense` for an ``nnx.Linear`` (its caller checks the class): None when the call does not fit
+    the kernel (also a custom ``dot_general``, ``precision``, ``preferred_element_type`` or ``out_sharding``)."""
+    if (module.dot_general is not jax.lax.dot_general or module.precision is not None
+            or module.preferred_element_type is not None or len(args) > 1 or kwargs.get("out_sharding") is not None
+            or not _fits_fused(entries, spec, ctx)):
         return None
-    scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
-    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), _b(entries, spec).astype(x.dtype),
-                    scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
-    y = y.reshape(*lead, n_out)
-    return y if bias is None else y + bias
+    bias = module.bias[...] if module.bias is not None else None
+    x, kernel, bias = module.promote_dtype((_input(args, kwargs), module.kernel[...], bias), dtype=module.dtype)
+    return _fused_linear(x, kernel, bias, entries, spec)
 
 
 def dense_general_side(module, args, kwargs, y, entries, spec, ctx):

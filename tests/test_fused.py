@@ -3,6 +3,8 @@ runs in Pallas' interpreter here: these tests check its numbers, not its speed (
 Off a GPU, wrap(fused=True) itself runs the kernel's formula as plain XLA matmuls (tested too)."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -162,3 +164,68 @@ def test_wrap_fused_off_a_gpu_runs_plain_matmuls(tmp_path, monkeypatch):
     assert "stablehlo.while" not in fused.lower(IDS, params=lp).as_text()
     monkeypatch.setattr(side_paths, "FUSED_IN_INTERPRETER", True)
     assert "stablehlo.while" in jax.jit(jlora.wrap(model.__call__, fused=True)).lower(IDS, params=lp).as_text()
+
+
+def _nnx_net(dtype=None):
+    """An NNX net of two adapted-to-be nnx.Linear layers whose sizes the kernel's blocks divide, split."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(64, 128, dtype=dtype, rngs=rngs)
+            self.down = nnx.Linear(128, 64, use_bias=False, dtype=dtype, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jnp.tanh(self.up(x)))
+
+    return nnx.split(Net(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked layers (nnx.scan)"])
+def test_nnx_model_fused_equals_unfused(stacked, interpreted):
+    """nnx_model(fused=True): every adapted nnx.Linear runs in the fused kernel (in a scan's body too: one layer's
+    slice, per-column scales), with the logits and adapter gradients of the unfused side path."""
+    from flax import nnx
+    from test_layouts import _nnx_scanned_net
+
+    if stacked:
+        graphdef, state, layout = _nnx_scanned_net(dim=32)
+        names = [f"blocks.{i}.{m}" for i in range(3) for m in ("up", "down")]
+        extra = dict(layers_to_transform=[0, 2], layers_pattern="blocks")
+    else:
+        graphdef, state = _nnx_net()
+        layout = jlora.Layout([jlora.Rule(r"(?P<m>up|down)", "{m}/kernel", "o i -> i o")])
+        names, extra = ["up", "down"], {}
+    config = jlora.LoraConfig(r=4, lora_alpha=6, target_modules=["up", "down"], init_lora_weights=False, **extra)
+    lp = jlora.init(state, config, key=jax.random.key(1), layout=layout, module_names=names)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 32 if stacked else 64)), jnp.float32)
+    run = lambda fused: lambda p: jlora.nnx_model(graphdef, p, fused=fused)(x)  # noqa: E731
+    want = jax.jit(run(False))(lp)
+    assert rel_err(jax.jit(run(True))(lp), want) <= 1e-5
+    assert rel_err(want, nnx.merge(graphdef, state)(x)) > 1e-3
+    assert _pallas_calls(run(True), lp) == 2 and _pallas_calls(run(False), lp) == 0
+
+    trainable, frozen = jlora.split(lp)
+    loss = lambda t, fused: jnp.sum(jnp.sin(run(fused)(jlora.combine(t, frozen))))  # noqa: E731
+    for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, True)),
+                    jax.tree_util.tree_leaves(jax.grad(loss)(trainable, False)), strict=True):
+        assert rel_err(g, h) <= 1e-5
+
+
+def test_fused_warns_when_the_adapter_is_cast_every_call():
+    """A float32 adapter on modules computing in bf16 is cast on every call: fused=True says so (once), and a bf16
+    adapter runs without a warning."""
+    graphdef, state = _nnx_net(jnp.bfloat16)
+    layout = jlora.Layout([jlora.Rule(r"(?P<m>up|down)", "{m}/kernel", "o i -> i o")])
+    config = jlora.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
+    lp = jlora.init(state, config, key=jax.random.key(1), layout=layout, module_names=["up", "down"])
+    x = jnp.ones((3, 64), jnp.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # (Python's own: a warning once per place)
+        jlora.nnx_model(graphdef, lp, fused=True)(x)
+    cast = [w for w in caught if "is cast on every call" in str(w.message)]
+    assert len(cast) == 1 and "an adapter in float32 on modules computing in bfloat16" in str(cast[0].message)
+    bf16 = jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16) if v.dtype == jnp.float32 else v, lp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.nnx_model(graphdef, bf16, fused=True)(x)
