@@ -29,7 +29,6 @@ KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
 # Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
 UNSUPPORTED_WHEN_SET = {
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets (ParamWrapper)",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "arrow_config": "Arrow routing",
@@ -267,6 +266,13 @@ def _validate(cfg: LoraConfig) -> list[str]:
         p.append(f"init_lora_weights {init!r} is not a PEFT init mode")
     if init == "mica" and cfg.use_dora:
         p.append("init_lora_weights='mica' with use_dora: PEFT has no such variant combination")
+    tp = cfg.target_parameters
+    if tp is not None and not _is_str_list(tp):
+        p.append(f"target_parameters must be a list of parameter names or null, found {tp!r}")
+    elif tp:  # PEFT's ParamWrapper refuses these (it merges W + s * B @ A on every forward)
+        p.extend(f"target_parameters with {what} (PEFT refuses it)" for what, on in (
+            ("lora_dropout != 0", cfg.lora_dropout), ("fan_in_fan_out", cfg.fan_in_fan_out),
+            ("lora_bias", cfg.lora_bias), ("use_dora", cfg.use_dora)) if on)
     unsupported = [
         f"{name}={getattr(cfg, name)!r} ({what})"
         for name, what in UNSUPPORTED_WHEN_SET.items()

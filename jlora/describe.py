@@ -18,6 +18,7 @@ import numpy as np
 from .checkpoint import WEIGHTS_NAME, read_header, read_safetensors
 from .config import CONFIG_NAME, LoraConfig, read_json
 from .hub import resolve_file
+from .param_targets import targeted_parameters, wrapped_modules
 from .spec import group_keys
 from .targeting import layer_index, module_scale
 
@@ -97,9 +98,10 @@ def describe_adapter(
     tensors = read_safetensors(weights_path)
     nonfinite = sorted(k for k, v in tensors.items() if _is_float(v) and not np.isfinite(v.astype(np.float32)).all())
 
+    wrapped = wrapped_modules(cfg, groups)  # key group -> module (LoRA on parameters: its ParamWrappers)
     by_pattern: dict[str, list[str]] = defaultdict(list)
     for name in groups:
-        by_pattern[_pattern(name)].append(name)
+        by_pattern[_pattern(wrapped.get(name, name))].append(name)
     labels = _short_labels(sorted(by_pattern))
     per_layer: dict[int, set[str]] = defaultdict(set)
     out_groups = []
@@ -108,14 +110,18 @@ def describe_adapter(
         layers = sorted({i for i in (layer_index(cfg, n) for n in names) if i is not None})
         for i in layers:
             per_layer[i].add(labels[pat])
-        ranks = sorted({(header[key]["shape"] or [0])[0] for key in
-                        (groups[n].roles.get("lora_A") or groups[n].roles.get("emb_A") for n in names) if key})
-        has_lora = bool(ranks)
+        rows = sorted({(header[key]["shape"] or [0])[0] for key in
+                       (groups[n].roles.get("lora_A") or groups[n].roles.get("emb_A") for n in names) if key})
+        params = [f"{wrapped[n]}.{p}" for n in names if n in wrapped for p in targeted_parameters(cfg, wrapped[n])]
+        kinds = {_kind(groups[n].roles, groups[n].params) for n in names if n not in wrapped}
+        if params:  # (a ParamWrapper's lora_A has rank x experts rows; which parameter it is needs the model)
+            kinds.add(f"LoRA on parameters {'/'.join(dict.fromkeys(p.rpartition('.')[2] for p in params))} "
+                      f"(lora_A rows = rank x experts: {'/'.join(map(str, rows))})")
         out_groups.append({
             "module": labels[pat], "pattern": pat, "count": len(names), "layers": ranges(layers),
-            "kind": ", ".join(sorted({_kind(groups[n].roles, groups[n].params) for n in names})),
-            "ranks": ranks,
-            "scales": sorted({round(module_scale(cfg, n), 6) for n in names}) if has_lora else [],
+            "kind": ", ".join(sorted(kinds)),
+            "ranks": [] if params else rows,
+            "scales": sorted({round(module_scale(cfg, n), 6) for n in params or names}) if rows else [],
             "parameters": sum(int(np.prod(header[k]["shape"], dtype=np.int64)) for n in names
                               for k in (*groups[n].roles.values(), *groups[n].params.values())),
         })
@@ -133,7 +139,7 @@ def describe_adapter(
         "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern,
         "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": cfg.bias, "lora_bias": cfg.lora_bias,
         "modules_to_save": cfg.modules_to_save, "trainable_token_indices": cfg.trainable_token_indices,
-        "target_modules": cfg.target_modules,
+        "target_modules": cfg.target_modules, "target_parameters": cfg.target_parameters,
         "modules": len(groups), "groups": out_groups,
         "layers": {"count": len(per_layer), "indices": ranges(list(per_layer)),
                    "coverage": [{"layers": ranges(idx), "modules": list(mods)} for mods, idx in coverage.items()]},
@@ -167,6 +173,8 @@ def format_description(info: dict[str, Any]) -> str:
         options.append(f"modules_to_save {info['modules_to_save']}")
     if info["trainable_token_indices"]:
         options.append(f"trainable tokens {info['trainable_token_indices']}")
+    if info["target_parameters"]:
+        options.append(f"target_parameters {info['target_parameters']}")
     if options:
         lines.append("options     " + ", ".join(options))
     lines.append(f"modules     {info['modules']} adapted, in {len(info['groups'])} group"
@@ -175,7 +183,7 @@ def format_description(info: dict[str, Any]) -> str:
     for g in info["groups"]:
         layers = f"layers {g['layers']}" if g["layers"] else "no layer index"
         scales = "/".join(f"{s:g}" for s in g["scales"])
-        rank = f"r={'/'.join(map(str, g['ranks']))} scale {scales}" if g["ranks"] else ""
+        rank = f"r={'/'.join(map(str, g['ranks']))} scale {scales}" if g["ranks"] else scales and f"scale {scales}"
         lines.append(f"  {g['module']:<{width}}  {layers:<18} x{g['count']:<4} {rank:<18} {g['kind']}".rstrip())
     layers = info["layers"]
     if layers["count"]:

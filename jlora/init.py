@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ConfigError, UnsupportedAdapterError
 from .layout import get_layout
 from .load import place
 from .spec import PREFIX
@@ -111,6 +111,10 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     if config.init_lora_weights not in (True, False, "gaussian", "mica"):
         raise AdapterError(f"init_lora_weights={config.init_lora_weights!r} is not implemented by jlora.init "
                            "(supported: true, false, 'gaussian', 'mica')")
+    if config.target_parameters:
+        raise UnsupportedAdapterError("jlora.init: target_parameters (LoRA on parameters) is not supported: the "
+                                      "file's key names depend on the order the PyTorch module registers its "
+                                      "parameters. Start from an adapter made by PEFT (jlora.load)")
     params = as_param_tree(params)
     tree_names = _module_names(params)
     names = list(module_names) if module_names is not None else list(tree_names)

@@ -59,7 +59,7 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple,
             if role in t.tensors.roles:
                 children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
         keys = tuple(sorted(_SUFFIXES[kind][r] for r in t.tensors.roles if r in _SUFFIXES[kind]))
-        source = FactorSource(t.name, a_list[0].shape[-1], 0, t.placement, keys)
+        source = FactorSource(t.parameter or t.name, a_list[0].shape[-1], 0, t.placement, keys)
         return children, [source]
 
     # stacked and/or fused: blocks of rank columns per part, layers along a leading axis for now
@@ -99,7 +99,7 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple,
         if "magnitude" in t.tensors.roles:
             magnitude[(layer, *out_index)] = pl.out_to_canonical(np.asarray(tensors[t.tensors.roles["magnitude"]]))
         keys = tuple(sorted(_SUFFIXES[kind][r_] for r_ in t.tensors.roles if r_ in _SUFFIXES[kind]))
-        sources.append(FactorSource(t.name, r, offsets[part], pl, keys))
+        sources.append(FactorSource(t.parameter or t.name, r, offsets[part], pl, keys))
     children = {LORA_A: a, LORA_B: b, RANK_SCALE: scale}
     if dora:
         children[MAGNITUDE] = magnitude
@@ -141,11 +141,11 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
     placer = placer or Placer()
     config_json = config.to_json()
     by_module: dict[tuple, list[Target]] = defaultdict(list)
-    for t in targets:
-        by_module[t.placement.path].append(t)
+    for t in targets:  # (a LoRA on a parameter replaces the parameter's leaf: its node is a module of one array)
+        by_module[t.placement.path + ((t.placement.kernel_key,) if t.wrapper else ())].append(t)
     updates = {}
     for path, group in by_module.items():
-        module = get_path(params, path)
+        module = {path[-1]: get_path(params, path)} if group[0].wrapper else get_path(params, path)
         children = dict(module)
         trainable, file_keys, sources, token_head = [], [], [], ()
         lora = [t for t in group if t.placement.kind != "none"]
@@ -197,7 +197,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                 if head is not None and head not in by_module:  # (a head the adapter changes itself stays as is)
                     token_head = (len(path), head + ("kernel",))
         spec = ModuleSpec(
-            peft_name=group[0].name,
+            peft_name=group[0].parameter or group[0].name,
             kind=first.kind if lora else "none",
             kernel_key=first.kernel_key,
             in_ndim=first.in_ndim,
@@ -212,6 +212,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             config_json=config_json,
             tied_copy=next((t.tied_copy for t in group if t.tied_copy), ""),
             token_head=token_head,
+            wrapper=group[0].wrapper,
         )
         updates[path] = AdaptedModule(children, spec)
     placer.finish()

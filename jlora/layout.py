@@ -278,13 +278,17 @@ class Layout:
         found = self._walk(self.module_name(name).split("."))
         return found[0] if found and isinstance(found[1], Mapping) and found[0] else None
 
-    def place(self, name: str, lora_kind: str | None = None) -> Placement | None:
+    def place(self, name: str, lora_kind: str | None = None,
+              fits: Callable[[Placement], bool] | None = None) -> Placement | None:
         """The placement of PEFT module ``name`` (None when no rule places it).
 
-        ``lora_kind`` is ``"linear"`` or ``"embedding"`` for a module with LoRA factors, else None
-        (only replacement tensors: the module's own dict is used).
+        ``lora_kind`` is ``"linear"`` or ``"embedding"`` for a module with LoRA factors, ``"parameter"`` for a
+        LoRA on a parameter (see :mod:`jlora.param_targets`: placed as a linear one), else None (only replacement
+        tensors: the module's own dict is used). ``fits``: of the rules that place it, the first whose placement
+        fits wins (when none fits, the first that places it, so that the error names the shapes).
         """
         target = self.module_name(name)
+        first = None
         for rule in self.rules_for(name, lora_kind):
             m = re.fullmatch(rule.match, target)
             if m is None:
@@ -302,9 +306,12 @@ class Layout:
             path, leaf = found
             if lora_kind is None:
                 return Placement(path[:-1], "none", path[-1])
-            placement = _placement_from_rule(rule, m, path, leaf, lora_kind)
-            if placement is not None:
+            placement = _placement_from_rule(rule, m, path, leaf, "linear" if lora_kind == "parameter" else lora_kind)
+            if placement is not None and (fits is None or fits(placement)):
                 return placement
+            first = first or placement
+        if first is not None:
+            return first
         if lora_kind is None:
             path = self._module_path(name)
             return Placement(path, "none") if path is not None else None
@@ -442,6 +449,16 @@ HF_RULES = (
     Rule(r"(?P<name>.+)", "{name}/kernel", "o i kd kh kw -> kd kh kw i o"),
 )
 GPT2_RULE = Rule(_GPT2_CONV1D, "{name}/kernel", "o i -> o i")
+# LoRA on parameters (jlora.param_targets): the leaf as PyTorch stores it, an expert stack (E, out, in) as PEFT reads
+# it, or (E, in, out) as it reads classes with ``is_transposed`` (the one that fits the factors wins); a 2-D one
+# (out, in), or transposed
+_EXPERT = r"(?P<name>.+)\.(?P<param>[^.]+)\.(?P<layer>\d+)"
+PARAMETER_RULES = (
+    Rule(_EXPERT, "{name}/{param}", "o i -> layer o i"),
+    Rule(_EXPERT, "{name}/{param}", "o i -> layer i o"),
+    Rule(r"(?P<name>.+)\.(?P<param>[^.]+)", "{name}/{param}", "o i -> o i"),
+    Rule(r"(?P<name>.+)\.(?P<param>[^.]+)", "{name}/{param}", "o i -> i o"),
+)
 
 
 def _check_tree(params: Any) -> None:
@@ -481,6 +498,8 @@ class HfLayout(Layout):
         return name
 
     def rules_for(self, name: str, lora_kind: str | None = None) -> Sequence[Rule]:
+        if lora_kind == "parameter":
+            return PARAMETER_RULES
         return (GPT2_RULE,) + self.rules if self.gpt2_style else self.rules
 
     def report_unused(self, names: Sequence[str]) -> list[Rule]:

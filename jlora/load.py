@@ -22,6 +22,7 @@ from .hub import file_exists, resolve_file
 from .inject import inject
 from .layout import get_layout
 from .multi import stack_adapters
+from .param_targets import split_wrappers
 from .placement import Placer, ShardingArg
 from .spec import build_targets, group_keys
 from .tree import as_param_tree
@@ -46,10 +47,10 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
     params = as_param_tree(params)
     placer = Placer(device=device, sharding=sharding, check_finite=not allow_nonfinite, source=source)
     _check_dtypes(tensors, source)
-    names = list(group_keys(tensors.keys(), source))
-    bound = get_layout(layout).bind(params, names)
-    bound.report_unused(names)
-    targets = build_targets(config, tensors, bound, source)
+    bound = get_layout(layout).bind(params, list(group_keys(tensors.keys(), source)))
+    tensors, parameters = split_wrappers(config, tensors, bound, source)  # (LoRA on parameters: per expert)
+    bound.report_unused(list(group_keys(tensors.keys(), source)))
+    targets = build_targets(config, tensors, bound, source, parameters)
     return inject(params, config, tensors, targets, bound, dtype=dtype, placer=placer, pad_rank=pad_rank)
 
 

@@ -113,10 +113,13 @@ def tied_head_columns(keyed_leaves: list[tuple[tuple, Any]]) -> dict[int, jax.Ar
     return out
 
 
-def plain_module(node: AdaptedModule) -> dict[str, Any]:
+def plain_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
     """The module's parameters as the rest of the model sees them when the adapter runs unmerged:
     replacement tensors applied, LoRA factors left out, and a replaced embedding table with a tied output
-    head kept as the base table (the module's own lookups get the replacement through its side path)."""
+    head kept as the base table (the module's own lookups get the replacement through its side path). A LoRA on
+    a parameter: the parameter itself."""
+    if node.spec.wrapper:
+        return node[node.spec.kernel_key]
     children = with_token_rows(node, node.base_children())
     if BASE_TABLE in node:
         children["embedding"] = node[BASE_TABLE]
@@ -142,9 +145,10 @@ def is_grouped(spec: ModuleSpec) -> bool:
     return any(source.placement.groups > 1 for s in own for source in s.sources)
 
 
-def merged_module(node: AdaptedModule) -> dict[str, Any]:
+def merged_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
     """The module's parameters with everything folded in, as PEFT's ``merge_and_unload``. A replaced
-    embedding table goes into the one leaf, which a tied output head reads too (see :func:`merge`)."""
+    embedding table goes into the one leaf, which a tied output head reads too (see :func:`merge`). A LoRA on a
+    parameter: the merged parameter."""
     spec = node.spec
     if spec.adapters:
         raise AdapterError(f"{spec.peft_name}: the tree holds several adapters; jlora.select one (or "
@@ -175,7 +179,7 @@ def merged_module(node: AdaptedModule) -> dict[str, Any]:
         lora_bias = node[RANK_SCALE] * node[LORA_BIAS].astype(jnp.float32)  # lora_bias: simple modules only
         lora_bias = _as_peft_rounds(lora_bias, node[LORA_BIAS].dtype)
         children["bias"] = (bias.astype(jnp.float32) + lora_bias).astype(bias.dtype)
-    return children
+    return children[spec.kernel_key] if spec.wrapper else children
 
 
 def _as_peft_rounds(delta: jax.Array, adapter_dtype: Any) -> jax.Array:

@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -35,7 +36,7 @@ from .hub import file_exists, resolve_file, resolve_folder
 from .load import place, read_adapter
 from .merge import merge
 from .torch_layout import nest_keys
-from .tree import adapted_modules
+from .tree import AdaptedModule, adapted_modules
 
 INDEX_NAME = "model.safetensors.index.json"
 HEAD_KEY = "lm_head.weight"  # where transformers' causal / seq2seq LM classes keep an untied output head
@@ -145,6 +146,14 @@ def _untie_config(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _checkpoint_keys(prefix: str, node: AdaptedModule, values: Any) -> dict[str, Any]:
+    """``{checkpoint key: value}`` for a node at ``prefix`` and its module's ``values`` (``{child: value}``; a LoRA
+    on a parameter stands for the parameter itself: its value is the array)."""
+    if node.spec.wrapper:
+        return {prefix: values if not isinstance(values, dict) else values[node.spec.kernel_key]}
+    return {f"{prefix}.{child}": value for child, value in values.items()}
+
+
 def merge_checkpoint(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -210,7 +219,7 @@ def merge_checkpoint(
                               "head may read; PEFT's merge_and_unload unties them (the head keeps the old table), "
                               f"but jlora cannot tell where this architecture keeps its head (not {HEAD_KEY}): in "
                               "the merged checkpoint the head reads the new table", stacklevel=2)
-        for shard in sorted({key_shard[f"{prefix}.{child}"] for child in node.base_children()}):
+        for shard in sorted({key_shard[key] for key in _checkpoint_keys(prefix, node, node.base_children())}):
             nodes_by_shard[shard].append((prefix, node))  # a module split over two shards is merged for each
         weight = node[node.spec.kernel_key] if node.spec.kernel_key in node else None
         if weight is not None and not (np.issubdtype(weight.dtype, np.floating) or weight.dtype.kind == "V"):
@@ -231,10 +240,10 @@ def merge_checkpoint(
                 bar.set_postfix_str(shard)
                 tensors_out = arrays.pop(shard)
                 nodes = nodes_by_shard.pop(shard, [])
-                for (prefix, _), merged in zip(nodes, merge([node for _, node in nodes]) if nodes else []):
-                    for child, value in merged.items():
-                        if f"{prefix}.{child}" in tensors_out:
-                            tensors_out[f"{prefix}.{child}"] = np.asarray(value)
+                for (prefix, node), merged in zip(nodes, merge([node for _, node in nodes]) if nodes else []):
+                    for key, value in _checkpoint_keys(prefix, node, merged).items():
+                        if key in tensors_out:
+                            tensors_out[key] = np.asarray(value)
                 tensors_out.update({k: np.asarray(v) for k, v in heads.pop(shard, {}).items()})
                 if weight_map is not None:
                     weight_map.update({k: shard for k in tensors_out if k not in weight_map})

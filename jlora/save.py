@@ -29,6 +29,7 @@ from .checkpoint import WEIGHTS_NAME, write_safetensors
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError
 from .layout import HfLayout, Layout
+from .param_targets import wrapper_tensors
 from .spec import PREFIX
 from .targeting import module_scale
 from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec,
@@ -47,8 +48,8 @@ def _to_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) -> dict[str, np.ndarray]:
-    """PEFT's tensors (torch layout) for one source of an adapted kernel."""
+def _source_values(node: AdaptedModule, source: FactorSource, fetch: Callable) -> dict[str, np.ndarray]:
+    """PEFT's tensors (torch layout) for one source of an adapted kernel, by child key (``lora_A``, ...)."""
     spec, pl = node.spec, source.placement
     children = {k: fetch(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
     if spec.layer_axis is not None:
@@ -73,6 +74,12 @@ def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) 
         if child in children:
             v = children[child] if out_axis is None else np.take(children[child], pl.part, axis=out_axis)
             values[child] = pl.magnitude_to_torch(v) if child == MAGNITUDE else pl.out_to_torch(v)
+    return values
+
+
+def _source_tensors(node: AdaptedModule, source: FactorSource, fetch: Callable) -> dict[str, np.ndarray]:
+    """PEFT's tensors (torch layout, by PEFT key) for one source of an adapted kernel."""
+    values = _source_values(node, source, fetch)
     return {f"{PREFIX}{source.peft_name}.{suffix}": values[child] for child, suffix in source.file_keys}
 
 
@@ -80,6 +87,9 @@ def _node_tensors(node: AdaptedModule, layout: Layout, fetch: Callable) -> dict[
     """Every PEFT tensor of one adapted module, its leaves read through ``fetch``."""
     if node.spec.adapters:
         raise AdapterError("the tree holds several adapters: save each with jlora.select(params, name)")
+    if node.spec.wrapper:  # a LoRA on a parameter: its experts' factors as one ParamWrapper's two tensors
+        return wrapper_tensors(node.spec.wrapper, [(source.placement.layer or 0, _source_values(node, source, fetch))
+                                                   for source in node.spec.sources])
     out: dict[str, np.ndarray] = {}
     for source in node.spec.sources:
         out.update(_source_tensors(node, source, fetch))

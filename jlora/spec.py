@@ -64,6 +64,8 @@ class Target:
     scale: float = 1.0
     token_indices: tuple[int, ...] = ()
     tied_copy: str = ""  # PEFT name of an output head whose tensors mirror this embedding's (ensure_weight_tying)
+    parameter: str = ""  # a LoRA on a parameter (jlora.param_targets): its PEFT name (``module.param``)
+    wrapper: str = ""  # ... and its ParamWrapper module's PEFT key group
 
 
 def group_keys(keys, source: str = "adapter_model.safetensors") -> dict[str, ModuleTensors]:
@@ -143,8 +145,11 @@ def _tied_head_copies(config: LoraConfig, groups: dict[str, ModuleTensors], tens
 
 
 def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout: Layout,
-                  source: str = "adapter_model.safetensors") -> list[Target]:
-    """Resolve every module of the checkpoint against the tree; raise all problems at once."""
+                  source: str = "adapter_model.safetensors",
+                  parameters: Mapping[str, tuple[str, str]] | None = None) -> list[Target]:
+    """Resolve every module of the checkpoint against the tree; raise all problems at once. ``parameters``: the
+    modules that are LoRAs on parameters, with their PEFT parameter and wrapper names (``param_targets``)."""
+    parameters = parameters or {}
     groups = group_keys(tensors.keys(), source)
     tied = _tied_head_copies(config, groups, tensors, layout)
     for head in tied.values():
@@ -183,18 +188,25 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             elif not has_lora:
                 problems.append(f"{key}: variant tensors without lora_A/lora_B")
 
-        placement = layout.place(name, ("embedding" if emb else "linear") if has_lora else None)
+        parameter, wrapper = parameters.get(name, ("", ""))
+        kind = "parameter" if parameter else "embedding" if emb else "linear"
+        fits = None
+        if parameter:  # (of the readings of a parameter, the one its factors fit: see param_targets)
+            a_in, b_out = shape(roles["lora_A"])[1:], shape(roles["lora_B"])[:1]
+            fits = lambda p: (int(np.prod(p.in_sizes)),) == a_in and (int(np.prod(p.out_sizes)),) == b_out  # noqa: E731
+        placement = layout.place(name, kind if has_lora else None, fits)
         if placement is None:
             problems.append(layout.explain_missing(name))
             continue
         module = layout._module(placement.path)
-        target = Target(name, placement, group, tied_copy=tied.get(name, ""))
+        target = Target(name, placement, group, tied_copy=tied.get(name, ""), parameter=parameter, wrapper=wrapper)
+        pattern_name = parameter or name  # (rank and alpha patterns see a parameter's name, as PEFT matches them)
 
         if has_lora:
             where = "/".join(map(str, placement.path + (placement.kernel_key,)))
             found_leaf = f"{tree_name} {placement.kernel_key} {list(module[placement.kernel_key].shape)} at {where}"
             a, b = shape(roles["lora_A"]), shape(roles["lora_B"])
-            rank = module_rank(config, name)
+            rank = module_rank(config, pattern_name)
             out_total = int(np.prod(placement.out_sizes))
             grouped = placement.b_tail and a[:1] == (rank,) and len(b) > 1 and 0 < b[1] < rank and rank % b[1] == 0
             if grouped:  # PEFT gives a grouped conv's lora_B the base layer's groups: (out, r / groups, 1, ...)
@@ -227,7 +239,7 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
             if group.params and (placement.stacked or placement.fused):
                 problems.append(f"{name}: replacement tensors {sorted(group.params)} for a stacked or fused "
                                 "kernel are not supported")
-            target.scale = module_scale(config, name)
+            target.scale = module_scale(config, pattern_name)
 
         if "token_delta" in roles:
             indices = _token_indices(config, name)

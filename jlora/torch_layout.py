@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CheckpointError
-from .layout import _GPT2_CONV1D, HfLayout, ParamMapping, Rule
+from .layout import _GPT2_CONV1D, PARAMETER_RULES, HfLayout, ParamMapping, Rule
 
 _EMBEDDING_RULES = (Rule(r"(?P<name>.+)", "{name}/weight", "v d -> v d"),)
 _LINEAR_RULES = (
@@ -46,6 +46,8 @@ class TorchLayout(HfLayout):
     def rules_for(self, name: str, lora_kind: str | None = None) -> Sequence[Rule]:
         if lora_kind == "embedding":
             return _EMBEDDING_RULES
+        if lora_kind == "parameter":
+            return PARAMETER_RULES
         return (_CONV1D_RULE,) + self.rules if self.gpt2_style else self.rules
 
     def param_mapping(self, path: tuple, torch_param: str) -> ParamMapping | None:

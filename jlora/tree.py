@@ -94,6 +94,10 @@ class ModuleSpec:
     # trainable tokens whose output head is a separate copy of the table in this tree (a tied model untied by
     # copying): (depth of this module below the tree root, head kernel path from that root); its columns change too
     token_head: tuple = ()
+    # a LoRA on a parameter (PEFT's target_parameters, see jlora.param_targets): the PEFT name of its ParamWrapper
+    # module, under which save writes its keys. The node stands where the parameter's leaf stood, and the forward
+    # adds the delta to the parameter inside the call, as PEFT's ParamWrapper does
+    wrapper: str = ""
 
     @property
     def has_lora(self) -> bool:
@@ -101,8 +105,9 @@ class ModuleSpec:
 
     @property
     def merged_in_call(self) -> bool:
-        """LoRA that the unmerged forward merges into its table anyway: a tied head reads that table too."""
-        return self.has_lora and bool(self.tied_copy)
+        """LoRA that the unmerged forward merges into its kernel anyway: a tied head reads that table too, and PEFT
+        itself adds a parameter's LoRA to the parameter on every forward."""
+        return self.has_lora and bool(self.tied_copy or self.wrapper)
 
     def rank_block(self, source: FactorSource, width: int) -> slice:
         """The rank columns reserved for ``source``'s part (its ``rank`` first, then zero padding): from its

@@ -168,7 +168,7 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
                 new[i] = merged_module(node)
             else:
                 new[i] = plain_module(node)
-                if node.has_side_path:
+                if node.has_side_path and not node.spec.wrapper:  # (a parameter's LoRA: merged, never a site)
                     new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("hot_swap.py", []),
     ("nnx_training.py", []),
     ("fused_kernel.py", []),
+    ("moe_experts.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
