@@ -385,3 +385,30 @@ def test_mixed_adapters_keep_the_derived_shardings(setup, tmp_path):
     want = forward(setup["ids"], jlora.load(single, sources), adapter_ids=adapter_ids)
     got = forward(setup["ids_sharded"], mixed, adapter_ids=adapter_ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_lora_on_parameters(tmp_path):
+    """LoRA on a mixture of experts' stacked weights (target_parameters), experts sharded over "model" and a weight
+    axis over "data": the factors take the expert axis' and the kernel's sharding, the wrapped forward equals the
+    single-device one, and the merged parameter keeps the kernel's sharding."""
+    import jax.numpy as jnp
+    from test_param_targets import _flax_params, _gpt_oss, _model, _peft, _routing
+
+    base = _gpt_oss()
+    _peft(base, tmp_path / "a")
+    single = _flax_params(base)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    spec = lambda leaf: P("model", "data", None) if leaf.ndim == 3 else P()  # noqa: E731  ((E, d1, d2))
+    sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), single)
+    lp = jlora.load(sharded, tmp_path / "a")
+    node = lp["model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"]  # (E, out 32, in 48), PEFT's reading
+    assert {k: node[k].sharding.spec for k in node} == {
+        "gate_up_proj": P("model", "data", None), "lora_A": P("model", None, None),
+        "lora_B": P("model", None, "data"), "lora_scale": P("model", None, None)}
+    x, scores, _ = _routing()
+    routing = jnp.asarray(scores.numpy())
+    got = np.asarray(jax.jit(jlora.wrap(_model))(lp, x, routing))
+    want = np.asarray(jax.jit(jlora.wrap(_model))(jlora.load(single, tmp_path / "a"), x, routing))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    merged = jlora.merge(lp)["model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"]
+    assert merged.sharding.spec == P("model", "data", None)
