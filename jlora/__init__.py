@@ -6,6 +6,7 @@ Example:
     >>> logits = jax.jit(jlora.wrap(model.__call__))(ids, params=lora_params).logits
     >>> merged = jlora.merge(lora_params)                             # plain params, adapter folded in
 """
+from .alora import alora_offsets
 from .config import LoraConfig
 from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, TargetMismatchError,
                      UnsupportedAdapterError)
@@ -21,7 +22,7 @@ from .tree import AdaptedModule, ModuleSpec
 from .wrap import wrap
 
 __all__ = [
-    "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
+    "AdaptedModule", "AdapterError", "alora_offsets", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
     "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "combine", "count_trainable", "init", "load",
     "merge", "nnx_model", "optimizer", "place", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]

@@ -29,7 +29,6 @@ KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
 # Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
 UNSUPPORTED_WHEN_SET = {
     "layer_replication": "layer replication",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "arrow_config": "Arrow routing",
     "use_bdlora": "block-diagonal LoRA",
@@ -266,6 +265,11 @@ def _validate(cfg: LoraConfig) -> list[str]:
         p.append(f"init_lora_weights {init!r} is not a PEFT init mode")
     if init == "mica" and cfg.use_dora:
         p.append("init_lora_weights='mica' with use_dora: PEFT has no such variant combination")
+    at = cfg.alora_invocation_tokens
+    if at is not None and not (isinstance(at, list) and all(_is_int(t) and t >= 0 for t in at)):
+        p.append(f"alora_invocation_tokens must be a list of token ids or null, found {at!r}")
+    elif at and cfg.use_dora:
+        p.append("alora_invocation_tokens with use_dora: PEFT has no such variant combination")
     tp = cfg.target_parameters
     if tp is not None and not _is_str_list(tp):
         p.append(f"target_parameters must be a list of parameter names or null, found {tp!r}")

@@ -213,6 +213,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             tied_copy=next((t.tied_copy for t in group if t.tied_copy), ""),
             token_head=token_head,
             wrapper=group[0].wrapper,
+            activated=bool(lora) and bool(config.alora_invocation_tokens),
         )
         updates[path] = AdaptedModule(children, spec)
     placer.finish()

@@ -136,6 +136,8 @@ def merge_refusals(node: AdaptedModule) -> list[str]:
         why.append("LoRA on a grouped convolution (its lora_A reads every input channel, the kernel only its group's)")
     if LORA_BIAS in node and "bias" not in node:
         why.append("lora_bias on a module without a bias")
+    if node.spec.activated:
+        why.append("aLoRA (the adapter runs on each example's tokens from its invocation on)")
     return why
 
 

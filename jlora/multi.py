@@ -63,6 +63,7 @@ def _check_single(node: AdaptedModule, name: str, base: Mapping, head_tied: bool
         node and (spec.token_head or head_tied and _task_type(spec) not in _TASKS_WITHOUT_LM_HEAD),
         "the tensors of a LoRA variant (VeLoRA, MonteCLoRA)": any(k.startswith(VARIANT_EXTRA) for k in node),
         "LoRA on a parameter (target_parameters: PEFT's mixed batches refuse it too)": spec.wrapper,
+        "aLoRA (alora_invocation_tokens)": spec.activated,
     }
     problems = [what for what, bad in unsupported.items() if bad]
     if problems:

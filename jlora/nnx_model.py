@@ -123,7 +123,8 @@ def _stacked_call(self, *args, **kwargs):
         drop = lora_dropout(key, rate, site, name, entries.get(LAYER_INDEX))
     ids = getattr(self, ENTRY_PREFIX + ADAPTER_IDS, None)
     ids = None if ids is None else ids[...].reshape(ids.shape[-1:])
-    ctx = CallContext(drop, ids)
+    offsets = getattr(self, ENTRY_PREFIX + ALORA_OFFSETS, None)
+    ctx = CallContext(drop, ids, None if offsets is None else offsets[...].reshape(offsets.shape[-1:]))
     if self.jlora_fused and (out := fused_nnx_linear(self, args, kwargs, entries, self.jlora_spec, ctx)) is not None:
         return out
     y = super(type(self), self).__call__(*args, **kwargs)
@@ -138,6 +139,7 @@ def _along_layers(value: jax.Array, layer_axis: int, layers: int) -> jax.Array:
 
 ENTRY_PREFIX = "jlora_"
 ADAPTER_IDS = "adapter_ids"  # (a stacked module's attribute ENTRY_PREFIX + this: each example's adapter, per layer)
+ALORA_OFFSETS = "alora_offsets"  # (... and each example's aLoRA offset, per layer)
 # the module classes whose stacked instances get a side path (exact types: a subclass may call differently); the
 # subclasses only override __call__, so an instance can change class in place
 _STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_call})
@@ -152,7 +154,8 @@ def _runs_stacked(node: AdaptedModule, module: Any) -> bool:
 
 
 def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: jax.Array | None, site: int,
-                  name: str, adapter_ids: jax.Array | None = None, fused: bool = False) -> None:
+                  name: str, adapter_ids: jax.Array | None = None, fused: bool = False,
+                  alora_offsets: jax.Array | None = None) -> None:
     """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries
     and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
     adapters, each example's adapter index (``adapter_ids``). ``fused``: an ``nnx.Linear`` tries the fused kernel."""
@@ -170,6 +173,9 @@ def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: ja
     if spec.adapters:
         ids = jnp.asarray(adapter_ids, jnp.int32)
         setattr(module, ENTRY_PREFIX + ADAPTER_IDS, nnx.Param(_along_layers(ids, spec.layer_axis, layers)))
+    if spec.activated and alora_offsets is not None:
+        offsets = jnp.asarray(alora_offsets, jnp.int32)
+        setattr(module, ENTRY_PREFIX + ALORA_OFFSETS, nnx.Param(_along_layers(offsets, spec.layer_axis, layers)))
     module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), spec, side
     module.jlora_fused = fused and type(module) is nnx.Linear
     module.__class__ = _STACKED[type(module)]
@@ -193,13 +199,15 @@ def _replace_child(node: Any, key: Any, value: Any) -> None:
 
 
 def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | None = None,
-              adapter_ids: jax.Array | None = None, fused: bool = False) -> nnx.Module:
+              adapter_ids: jax.Array | None = None, fused: bool = False,
+              alora_offsets: jax.Array | None = None) -> nnx.Module:
     """``nnx.merge(graphdef, ...)`` of a LoRA parameter tree (from ``jlora.load(nnx_state, ...)``), with
     every adapted ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` / ``Conv`` running its adapter unmerged.
 
     ``lora_dropout_key``: apply the adapter's ``lora_dropout`` (training, as PEFT in train mode).
     ``adapter_ids``: each example's adapter index for a tree holding several adapters (-1 = base).
     ``fused`` (experimental, for GPUs): as :func:`jlora.wrap`'s, for ``nnx.Linear`` modules (stacked ones too).
+    ``alora_offsets``: for aLoRA adapters, as :func:`jlora.wrap`'s.
 
     Example:
         >>> def loss(trainable, frozen, ids):
@@ -230,12 +238,12 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     for index, path in enumerate(sorted(stacked, key=str), start=len(side)):
         module = _at(model, path)
         _make_stacked(module, side_for(module, sites[path].spec), sites[path], lora_dropout_key, index,
-                      "/".join(map(str, path)), adapter_ids, fused)
+                      "/".join(map(str, path)), adapter_ids, fused, alora_offsets)
     for index, path in enumerate(sorted(side, key=str)):
         node: AdaptedModule = sites[path]
         parent = _at(model, path[:-1])
         drop = lora_dropout(lora_dropout_key, node.spec.dropout, index, "/".join(map(str, path)))
         caller = _SideCaller(_child(parent, path[-1]), side[path], side_entries(node), node.spec,
-                             CallContext(drop, adapter_ids), fused)
+                             CallContext(drop, adapter_ids, alora_offsets), fused)
         _replace_child(parent, path[-1], caller)
     return model

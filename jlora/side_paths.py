@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .alora import token_mask
 from .fused_matmul import block_sizes, lora_matmul
 from .merge import dora_factor, factor_delta, is_grouped, part_masked_b, scaled_a, to_canonical
 from .errors import AdapterError
@@ -33,11 +34,12 @@ from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, 
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
-    """Per-call inputs of a side path: LoRA-branch dropout (None: none) and each example's adapter
-    index (multi-adapter trees; -1 = base model only)."""
+    """Per-call inputs of a side path: LoRA-branch dropout (None: none), each example's adapter
+    index (multi-adapter trees; -1 = base model only) and, for aLoRA adapters, each example's offset."""
 
     drop: Callable[[jax.Array], jax.Array] | None = None
     adapter_ids: jax.Array | None = None
+    alora_offsets: jax.Array | None = None  # aLoRA: each example's number of final tokens that get the adapter
 
     def lora_input(self, x: jax.Array, entries: dict) -> jax.Array:
         """``x`` as the LoRA branch sees it: in the adapter's dtype (PEFT's precision), dropped out."""
@@ -92,12 +94,18 @@ def _dropped_base(module: nn.Module, spec: ModuleSpec, entries: dict, ctx: CallC
 
 
 def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spec: ModuleSpec,
-            dropped_base: jax.Array | None = None) -> jax.Array:
+            dropped_base: jax.Array | None = None, ctx: CallContext | None = None) -> jax.Array:
     """Add the (already contracted, column-scaled) LoRA output to ``y``: plain, lora_bias, DoRA
-    (whose base term is ``dropped_base`` when given, see :func:`_dropped_base`, else ``y`` less its bias)."""
+    (whose base term is ``dropped_base`` when given, see :func:`_dropped_base`, else ``y`` less its bias); an aLoRA
+    term only on each example's last ``ctx.alora_offsets`` tokens."""
     scale = entries[RANK_SCALE] if entries[RANK_SCALE].ndim == 0 else 1.0
     if LORA_BIAS in entries and not spec.adapters:  # simple modules only: a scalar scale (several adapters:
         lora = lora + entries[LORA_BIAS]               # added per example by _contract)
+    if spec.activated:
+        if ctx is None or ctx.alora_offsets is None:
+            raise AdapterError(f"{spec.peft_name}: an aLoRA adapter needs alora_offsets=jlora.alora_offsets("
+                               "lora_params, input_ids) in the call")
+        lora = lora * token_mask(ctx.alora_offsets, lora.shape).astype(lora.dtype)
     if spec.adapters and spec.kind != "embedding":  # PEFT's mixed batches round each adapter's (scaled) term to
         lora = lora.astype(y.dtype)                   # y's dtype before adding it (its embeddings do not)
     if MAGNITUDE not in entries:  # PEFT: lora * scale rounded to the adapter's dtype, then added to y
@@ -175,14 +183,14 @@ def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tupl
 def dense_side(module, args, kwargs, y, entries, spec, ctx):
     x = ctx.lora_input(_input(args, kwargs), entries)
     lora = _contract(x, entries, (x.ndim - 1,), ctx, spec)
-    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x), ctx)
 
 
 def _fits_fused(entries: dict, spec: ModuleSpec, ctx: CallContext) -> bool:
     """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul`: one plain LoRA (no several
     adapters, DoRA, ``lora_bias`` or dropout) on a 2-D kernel (a stacked one sliced to its layer)."""
     return not (spec.adapters or ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries
-                or entries[LORA_A].ndim != 2)
+                or spec.activated or entries[LORA_A].ndim != 2)
 
 
 def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict,
@@ -235,7 +243,7 @@ def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
     lora = _contract(x, entries, axes, ctx, spec)
-    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x))
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x), ctx)
 
 
 def einsum_side(module, args, kwargs, y, entries, spec, ctx):
@@ -262,7 +270,8 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
         return _finish(module, y, lora, entries, spec)
     xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A])
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
-    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str))
+    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str),
+                   ctx)
 
 
 def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings

@@ -202,6 +202,9 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
         target = Target(name, placement, group, tied_copy=tied.get(name, ""), parameter=parameter, wrapper=wrapper)
         pattern_name = parameter or name  # (rank and alpha patterns see a parameter's name, as PEFT matches them)
 
+        if has_lora and config.alora_invocation_tokens and (emb or placement.b_tail or parameter):
+            problems.append(f"{name}: aLoRA (alora_invocation_tokens) on an embedding, a convolution or a parameter: "
+                            "PEFT's aLoRA adapts Linear layers only")
         if has_lora:
             where = "/".join(map(str, placement.path + (placement.kernel_key,)))
             found_leaf = f"{tree_name} {placement.kernel_key} {list(module[placement.kernel_key].shape)} at {where}"

@@ -98,6 +98,9 @@ class ModuleSpec:
     # module, under which save writes its keys. The node stands where the parameter's leaf stood, and the forward
     # adds the delta to the parameter inside the call, as PEFT's ParamWrapper does
     wrapper: str = ""
+    # activated LoRA (alora_invocation_tokens, see jlora.alora): the LoRA term only on each example's last
+    # alora_offsets tokens
+    activated: bool = False
 
     @property
     def has_lora(self) -> bool:

@@ -83,10 +83,11 @@ class _Probe:
     def __init__(self):
         self.handled: set[int] = set()
         self.failed: dict[int, str] = {}
+        self.error = ""  # what the function itself raised in the trace (then no site runs a side path)
 
 
 def _interceptor(specs: dict[int, ModuleSpec], probe: _Probe | None, dropout_key: jax.Array | None = None,
-                 adapter_ids: jax.Array | None = None, fused: bool = False):
+                 adapter_ids: jax.Array | None = None, fused: bool = False, alora_offsets: jax.Array | None = None):
     """Adds each adapted module's side path to its output. ``probe``: an abstract trace that records which
     sites ran their side path and which side paths raised (those are merged in the call instead). ``fused``:
     an ``nn.Dense`` that fits :func:`fused_dense` computes its output and adapter in one kernel instead."""
@@ -100,7 +101,7 @@ def _interceptor(specs: dict[int, ModuleSpec], probe: _Probe | None, dropout_key
         index, entries = site
         drop = lora_dropout(dropout_key, specs[index].dropout, index, "/".join(context.module.path),
                             entries.get(LAYER_INDEX))
-        ctx = CallContext(drop, adapter_ids)
+        ctx = CallContext(drop, adapter_ids, alora_offsets)
         out = fused_dense(context.module, args, kwargs, entries, specs[index], ctx) if fused else None
         if out is not None:  # (real calls only: the probe runs dense_side, which handles the same modules)
             return out
@@ -147,6 +148,9 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
     Training: pass ``lora_dropout_key=key`` to the wrapped function to apply the adapter's
     ``lora_dropout`` to the LoRA branch input (as PEFT in train mode); without it, no dropout.
 
+    aLoRA adapters (``alora_invocation_tokens``): pass ``alora_offsets=jlora.alora_offsets(lora_params, input_ids)``
+    (computed once from the prompt, also for ``generate``); see :mod:`jlora.alora`.
+
     ``fused=True`` (experimental, for GPUs): each plain ``nn.Dense`` with one adapter computes ``x@W`` and its
     LoRA term in one Pallas kernel (:func:`jlora.fused_matmul.lora_matmul`) instead of three, in the module's
     dtype with float32 accumulation (not PEFT's float32 LoRA branch and rounding); other modules run as usual.
@@ -172,7 +176,7 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
                     new[i][f"{SITE_PREFIX}{i}"] = side_entries(node)
         return jax.tree_util.tree_unflatten(treedef, new)
 
-    def handled_sites(paths, leaves, treedef, sites, adapter_ids) -> _Probe:
+    def handled_sites(paths, leaves, treedef, sites, adapter_ids, alora_offsets) -> _Probe:
         """Which sites a side path consumes: found once per argument structure by an abstract trace."""
         if treedef in probed:
             return probed[treedef]
@@ -187,20 +191,22 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
                 full[i] = node
             args, kwargs = rebuild(paths, full, treedef, dict(zip(sites, nodes)), frozenset())
             specs = {i: n.spec for i, n in zip(sites, nodes)}
-            with nn.intercept_methods(_interceptor(specs, probe, None, adapter_ids)):
+            with nn.intercept_methods(_interceptor(specs, probe, None, adapter_ids, alora_offsets=alora_offsets)):
                 return fn(*args, **kwargs)
 
         try:
             jax.eval_shape(run, [leaves[i] for i in arrays], list(sites.values()))
         except AdapterError:
             raise
-        except Exception:  # noqa: BLE001 - fn itself refuses the hidden entries (NNX's merge): no side paths
+        except Exception as err:  # noqa: BLE001 - fn refuses the hidden entries (NNX's merge): no side paths
             probe.handled.clear()
+            probe.error = f"{type(err).__name__}: {err}"
         probed[treedef] = probe
         return probe
 
     @functools.wraps(fn)
-    def wrapped(*args, lora_dropout_key: jax.Array | None = None, adapter_ids: jax.Array | None = None, **kwargs):
+    def wrapped(*args, lora_dropout_key: jax.Array | None = None, adapter_ids: jax.Array | None = None,
+                alora_offsets: jax.Array | None = None, **kwargs):
         pairs, treedef = keyed((args, kwargs))
         paths, leaves = [path for path, _ in pairs], [leaf for _, leaf in pairs]
         sites = {i: leaf for i, leaf in enumerate(leaves) if is_adapted(leaf)}
@@ -209,7 +215,7 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
         multi = require_adapter_ids(sites.values(), adapter_ids)
         lora_sites = {i for i, n in sites.items() if n.has_side_path}
         tied = {i for i in lora_sites if sites[i].spec.merged_in_call}
-        probe = handled_sites(paths, leaves, treedef, sites, adapter_ids) if lora_sites else _Probe()
+        probe = handled_sites(paths, leaves, treedef, sites, adapter_ids, alora_offsets) if lora_sites else _Probe()
         fallback = frozenset(lora_sites - (probe.handled - set(probe.failed)))  # (a site called twice may do both)
         names = sorted(sites[i].spec.peft_name for i in fallback - tied - set(probe.failed))
         failed = {sites[i].spec.peft_name: err for i, err in probe.failed.items() if i in fallback - tied}
@@ -219,9 +225,10 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
                                + "".join(f"; {name}'s failed: {err}" for name, err in sorted(failed.items())))
         if names and tuple(names) not in warned:
             warned.add(tuple(names))
-            warnings.warn(f"jlora.wrap: no unmerged side path for {names} (module class without one); "
-                          "their kernels are merged inside the call (for NNX models, jlora.nnx_model runs them "
-                          "unmerged)", stacklevel=2)
+            why = (f"the function raised when traced with side paths ({probe.error})" if probe.error
+                   else "module class without one")
+            warnings.warn(f"jlora.wrap: no unmerged side path for {names} ({why}); their kernels are merged inside "
+                          "the call (for NNX models, jlora.nnx_model runs them unmerged)", stacklevel=2)
         if failed and ("failed",) + tuple(failed) not in warned:
             warned.add(("failed",) + tuple(failed))
             warnings.warn("jlora.wrap: the unmerged side path raised for " + "; ".join(
@@ -235,7 +242,7 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
                           "the call, where the LoRA branch has no input of its own to drop", stacklevel=2)
         new_args, new_kwargs = rebuild(paths, leaves, treedef, sites, fallback)
         specs = {i: n.spec for i, n in sites.items()}
-        with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids, fused)):
+        with nn.intercept_methods(_interceptor(specs, None, lora_dropout_key, adapter_ids, fused, alora_offsets)):
             return fn(*new_args, **new_kwargs)
 
     return wrapped

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("nnx_training.py", []),
     ("fused_kernel.py", []),
     ("moe_experts.py", []),
+    ("activated_lora.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):

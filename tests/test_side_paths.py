@@ -102,6 +102,22 @@ def test_a_side_path_that_raises_is_merged_and_named(setup, monkeypatch):
     np.testing.assert_allclose(got, Net().apply({"params": expected}, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_function_that_refuses_side_paths_is_named_in_the_warning(setup):
+    """When the function itself raises in wrap's trace with side paths in place (a strict parameter check, NNX's
+    merge), every module is merged in the call and the warning quotes the error, not "module class without one"."""
+    x, _, lp, expected = setup
+
+    def strict_apply(variables, x):
+        extra = [k for k in variables["params"]["out"] if k not in ("kernel", "bias")]
+        if extra:
+            raise KeyError(f"unexpected entries {extra}")
+        return Net().apply(variables, x)
+
+    with pytest.warns(UserWarning, match=r"function raised when traced with side paths \(KeyError: .*unexpected entri"):
+        got = jlora.wrap(strict_apply)({"params": lp}, x)
+    np.testing.assert_allclose(got, Net().apply({"params": expected}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_on_merged_fallback_is_reported(setup):
     x, _, lp, _ = setup
     lp = dict(lp, raw=AdaptedModule(dict(lp["raw"]), dataclasses.replace(lp["raw"].spec, dropout=0.1)))
