@@ -31,7 +31,6 @@ UNSUPPORTED_WHEN_SET = {
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "arrow_config": "Arrow routing",
-    "use_bdlora": "block-diagonal LoRA",
     "megatron_config": "Megatron parallel layers",
     "kasa_config": "KaSA",
 }
@@ -104,6 +103,23 @@ class LoraConfig:
     @property
     def scale_kind(self) -> str:
         return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+
+    def block_diagonal(self, name: str) -> tuple[int, int]:
+        """BD-LoRA (``use_bdlora``): how many diagonal blocks the module ``name``'s lora_A and lora_B have (1: a
+        full factor), by PEFT's rule (a pattern contained in the module name).
+
+        Example:
+            >>> cfg = LoraConfig(use_bdlora={"target_modules_bd_a": ["o_proj"], "nblocks": 2})
+            >>> cfg.block_diagonal("model.layers.0.self_attn.o_proj"), cfg.block_diagonal("lm_head")
+            ((2, 1), (1, 1))
+        """
+        bd = self.use_bdlora
+        if not bd:
+            return 1, 1
+        blocks = bd.get("nblocks", 1)
+        in_a = any(p in name for p in bd.get("target_modules_bd_a") or [])
+        in_b = any(p in name for p in bd.get("target_modules_bd_b") or [])
+        return (blocks if in_a else 1), (blocks if in_b else 1)
 
     @property
     def trains_lora_b(self) -> bool:
@@ -270,6 +286,7 @@ def _validate(cfg: LoraConfig) -> list[str]:
         p.append(f"alora_invocation_tokens must be a list of token ids or null, found {at!r}")
     elif at and cfg.use_dora:
         p.append("alora_invocation_tokens with use_dora: PEFT has no such variant combination")
+    p.extend(_bdlora_problems(cfg))
     tp = cfg.target_parameters
     if tp is not None and not _is_str_list(tp):
         p.append(f"target_parameters must be a list of parameter names or null, found {tp!r}")
@@ -285,6 +302,36 @@ def _validate(cfg: LoraConfig) -> list[str]:
     if unsupported:
         raise UnsupportedAdapterError("this LoRA adapter uses PEFT features jlora does not implement",
                                       unsupported)
+    return p
+
+
+_BDLORA_FIELDS = {"target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+
+
+def _bdlora_problems(cfg: LoraConfig) -> list[str]:
+    """What is wrong with ``use_bdlora`` (PEFT's BdLoraConfig, saved as a dict)."""
+    bd = cfg.use_bdlora
+    if bd is None or bd is False:
+        return []
+    if not isinstance(bd, dict):
+        return [f"use_bdlora must be a BD-LoRA config (an object) or null, found {bd!r}"[:300]]
+    p = [f"use_bdlora: unknown field {k!r}" for k in sorted(set(bd) - _BDLORA_FIELDS)]
+    for name in ("target_modules_bd_a", "target_modules_bd_b"):
+        if bd.get(name) is not None and not _is_str_list(bd[name]):
+            p.append(f"use_bdlora.{name} must be a list of module-name patterns or null, found {bd[name]!r}"[:300])
+    if not _is_rank(bd.get("nblocks", 1)):
+        p.append(f"use_bdlora.nblocks must be a positive integer, found {bd.get('nblocks')!r}"[:300])
+    if not isinstance(bd.get("match_strict", True), bool):
+        p.append(f"use_bdlora.match_strict must be true or false, found {bd.get('match_strict')!r}")
+    if not p:
+        both = set(bd.get("target_modules_bd_a") or []) & set(bd.get("target_modules_bd_b") or [])
+        if both:
+            p.append(f"use_bdlora: patterns {sorted(both)} are in both target_modules_bd_a and target_modules_bd_b")
+    others = [name for name, on in (("use_dora", cfg.use_dora), ("alora_invocation_tokens", cfg.alora_invocation_tokens),
+                                    ("velora_config", cfg.velora_config), ("monteclora_config", cfg.monteclora_config),
+                                    ("init_lora_weights='mica'", cfg.init_lora_weights == "mica")) if on]
+    if others:
+        p.append(f"use_bdlora with {', '.join(others)}: PEFT has no such variant combination")
     return p
 
 

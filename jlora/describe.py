@@ -74,6 +74,13 @@ def _kind(roles: dict, params: dict) -> str:
     return " + ".join(kinds)
 
 
+def _blocks(cfg: LoraConfig, name: str) -> str:
+    """BD-LoRA: which of the module's factors is block-diagonal, with how many blocks (empty for neither)."""
+    a_blocks, b_blocks = cfg.block_diagonal(name)
+    return "".join(f" ({factor} block-diagonal, {n} blocks)" for factor, n in (("A", a_blocks), ("B", b_blocks))
+                   if n > 1)
+
+
 def describe_adapter(
     source: str | os.PathLike,
     *,
@@ -113,7 +120,7 @@ def describe_adapter(
         rows = sorted({(header[key]["shape"] or [0])[0] for key in
                        (groups[n].roles.get("lora_A") or groups[n].roles.get("emb_A") for n in names) if key})
         params = [f"{wrapped[n]}.{p}" for n in names if n in wrapped for p in targeted_parameters(cfg, wrapped[n])]
-        kinds = {_kind(groups[n].roles, groups[n].params) for n in names if n not in wrapped}
+        kinds = {_kind(groups[n].roles, groups[n].params) + _blocks(cfg, n) for n in names if n not in wrapped}
         if params:  # (a ParamWrapper's lora_A has rank x experts rows; which parameter it is needs the model)
             kinds.add(f"LoRA on parameters {'/'.join(dict.fromkeys(p.rpartition('.')[2] for p in params))} "
                       f"(lora_A rows = rank x experts: {'/'.join(map(str, rows))})")
@@ -140,6 +147,7 @@ def describe_adapter(
         "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": cfg.bias, "lora_bias": cfg.lora_bias,
         "modules_to_save": cfg.modules_to_save, "trainable_token_indices": cfg.trainable_token_indices,
         "target_modules": cfg.target_modules, "target_parameters": cfg.target_parameters,
+        "alora_invocation_tokens": cfg.alora_invocation_tokens, "use_bdlora": cfg.use_bdlora,
         "modules": len(groups), "groups": out_groups,
         "layers": {"count": len(per_layer), "indices": ranges(list(per_layer)),
                    "coverage": [{"layers": ranges(idx), "modules": list(mods)} for mods, idx in coverage.items()]},
@@ -175,6 +183,10 @@ def format_description(info: dict[str, Any]) -> str:
         options.append(f"trainable tokens {info['trainable_token_indices']}")
     if info["target_parameters"]:
         options.append(f"target_parameters {info['target_parameters']}")
+    if info["alora_invocation_tokens"]:
+        options.append(f"aLoRA (invocation tokens {info['alora_invocation_tokens']})")
+    if info["use_bdlora"]:
+        options.append(f"BD-LoRA ({info['use_bdlora'].get('nblocks', 1)} blocks)")
     if options:
         lines.append("options     " + ", ".join(options))
     lines.append(f"modules     {info['modules']} adapted, in {len(info['groups'])} group"

@@ -65,6 +65,19 @@ def _factors(key, kind: str, mode, r: int, fan_in: int, a_shape: tuple, b_shape:
     return a, jnp.zeros(b_shape)
 
 
+def _block_factors(key, blocks: tuple[int, int], a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """BD-LoRA (``blocks``: lora_A's and lora_B's, see ``LoraConfig.block_diagonal``): PEFT replaces the
+    block-diagonal factor with its stacked diagonal blocks, A kaiming-uniform (gain sqrt(2)), B zero."""
+    a_blocks, b_blocks = blocks
+    if a_blocks > 1:
+        shape = (a.shape[0], a.shape[1] // a_blocks)
+        bound = math.sqrt(6.0 / shape[1])
+        a = jax.random.uniform(jax.random.fold_in(key, 1), shape, jnp.float32, -bound, bound)
+    if b_blocks > 1:
+        b = jnp.zeros((b.shape[0], b.shape[1] // b_blocks))
+    return a, b
+
+
 def _canonical_weight(placement, weight: np.ndarray) -> np.ndarray:
     """The float32 weight of the PEFT module at ``placement``, in canonical (inputs..., outputs...) order (its layer
     of a stacked kernel, its part of a fused one)."""
@@ -150,6 +163,7 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
                 a, b = _mica_factors(placement, weight, r, a_shape)
             else:
                 a, b = _factors(k, kind, config.init_lora_weights, r, int(np.prod(placement.a_tail)), a_shape, b_shape)
+                a, b = _block_factors(k, config.block_diagonal(name), a, b)
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             prefix, suffix = ("lora_embedding_", "") if kind == "embedding" else ("lora_", ".weight")
             tensors[f"{PREFIX}{name}.{prefix}A{suffix}"] = a

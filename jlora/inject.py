@@ -117,9 +117,10 @@ def _checked_pad_rank(targets: list[Target], tensors, pad_rank: int | None) -> i
     if isinstance(pad_rank, bool) or not isinstance(pad_rank, (int, np.integer)) or pad_rank < 1:
         raise AdapterError(f"pad_rank must be a positive int, found {pad_rank!r}")
     pad_rank = int(pad_rank)
-    grouped = [t.name for t in targets if t.placement.groups > 1]
-    if grouped:  # (its blocks of rank rows per group would move; rank-dependent layouts must not share a program)
-        raise UnsupportedAdapterError("pad_rank: LoRA on grouped convolutions is not supported", grouped)
+    blocked = [t.name for t in targets if t.placement.a_blocks > 1 or t.placement.b_blocks > 1]
+    if blocked:  # (its blocks of rank rows would move; rank-dependent layouts must not share a program)
+        raise UnsupportedAdapterError("pad_rank: block-diagonal factors (LoRA on grouped convolutions, BD-LoRA) are "
+                                      "not supported", blocked)
     too_wide = [f"{t.name}: rank {tensors[t.tensors.roles['lora_A']].shape[0]}" for t in targets
                 if "lora_A" in t.tensors.roles and tensors[t.tensors.roles["lora_A"]].shape[0] > pad_rank]
     if too_wide:

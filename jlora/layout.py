@@ -131,29 +131,36 @@ class Placement:
     a_tail: tuple[int, ...] = ()  # PEFT's lora_A shape after r
     b_tail: tuple[int, ...] = ()  # PEFT's lora_B shape after (out, r)
     # a grouped convolution's feature groups: PEFT's lora_A then reads all input channels (in = groups x the
-    # kernel's), and its lora_B is a grouped 1x1 conv (out, r / groups, 1...), stored here block-diagonal (r, out)
+    # kernel's), and its lora_B is a grouped 1x1 conv (out, r / groups, 1...): a block-diagonal lora_B
     groups: int = 1
+    # block-diagonal factors (a grouped conv's lora_B, BD-LoRA's lora_A or lora_B): PEFT stores only the diagonal
+    # blocks, stacked along the first axis (A (r, in / blocks), B (out, r / blocks, 1...)); jlora stores the full
+    # factor with zeros off the blocks, which the forward masks so that training keeps them zero
+    a_blocks: int = 1
+    b_blocks: int = 1
 
     def with_groups(self, groups: int) -> "Placement":
         """This placement for a LoRA on a convolution with ``groups`` feature groups (see ``groups``)."""
         grow = lambda sizes: (sizes[0] * groups, *sizes[1:])  # noqa: E731  (input channels: torch's first in axis)
-        return dataclasses.replace(self, groups=groups, in_sizes=grow(self.in_sizes), a_tail=grow(self.a_tail))
+        return dataclasses.replace(self, groups=groups, b_blocks=groups, in_sizes=grow(self.in_sizes),
+                                   a_tail=grow(self.a_tail))
+
+    def with_blocks(self, a_blocks: int, b_blocks: int) -> "Placement":
+        """This placement for a BD-LoRA (block-diagonal lora_A or lora_B, see ``a_blocks``)."""
+        return dataclasses.replace(self, a_blocks=a_blocks, b_blocks=b_blocks,
+                                   a_tail=(self.a_tail[0] // a_blocks, *self.a_tail[1:]))
 
     # ---- PEFT factors <-> canonical factors ---------------------------------------------------
     def a_to_canonical(self, a: np.ndarray) -> np.ndarray:
-        """PEFT lora_A (r, in...) -> (canonical inputs..., r)."""
+        """PEFT lora_A (r, in...) -> (canonical inputs..., r); a block-diagonal one's (r, in / blocks) expanded."""
+        a = _block_diagonal(a, self.a_blocks)
         a = a.reshape(a.shape[0], *self.in_sizes)
         return a.transpose(*(1 + i for i in self.in_order), 0)
 
     def b_to_canonical(self, b: np.ndarray) -> np.ndarray:
-        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part); a grouped conv's
-        (out, r / groups, 1...) -> its block-diagonal (r, out)."""
-        if self.groups > 1:
-            out, per_group = b.shape[0] // self.groups, b.shape[1]
-            full = np.zeros((b.shape[0], per_group * self.groups, *b.shape[2:]), b.dtype)
-            for g in range(self.groups):
-                full[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group] = b[g * out:(g + 1) * out]
-            b = full
+        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part); a block-diagonal one's
+        (out, r / blocks, 1...) expanded."""
+        b = _block_diagonal(b, self.b_blocks)
         b = b.reshape(*self.out_sizes, b.shape[1])
         return b.transpose(len(self.out_sizes), *self.out_order)
 
@@ -164,24 +171,27 @@ class Placement:
     def a_to_torch(self, a) -> np.ndarray:
         a = np.asarray(a)
         inverse = np.argsort(self.in_order)
-        return a.transpose(a.ndim - 1, *inverse).reshape(a.shape[-1], *self.a_tail)
+        a = a.transpose(a.ndim - 1, *inverse).reshape(a.shape[-1], -1)
+        return _diagonal_blocks(a, self.a_blocks).reshape(a.shape[0], *self.a_tail)
 
     def b_to_torch(self, b) -> np.ndarray:
         b = np.asarray(b)
         inverse = np.argsort(self.out_order)
         b = b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
-        if self.groups > 1:  # the diagonal blocks, as a grouped conv's weight
-            out, per_group = b.shape[0] // self.groups, b.shape[1] // self.groups
-            b = np.concatenate([b[g * out:(g + 1) * out, g * per_group:(g + 1) * per_group]
-                                for g in range(self.groups)])
-        return b
+        return _diagonal_blocks(b, self.b_blocks)
 
-    def off_block_b(self, b) -> np.ndarray:
-        """A grouped conv's canonical ``(r, out)`` lora_B entries outside its diagonal blocks (they stay zero)."""
-        b = np.asarray(b)
-        out, per_group = b.shape[1] // self.groups, b.shape[0] // self.groups
-        blocks = np.kron(np.eye(self.groups, dtype=bool), np.ones((per_group, out), bool))
-        return b[~blocks]
+    def a_block_mask(self, rank: int) -> np.ndarray | None:
+        """Where a canonical ``(inputs..., rank)`` lora_A may be nonzero (None: everywhere)."""
+        if self.a_blocks == 1:
+            return None
+        return self.a_to_canonical(np.ones((rank, int(np.prod(self.in_sizes)) // self.a_blocks), np.float32))
+
+    def b_block_mask(self, rank: int) -> np.ndarray | None:
+        """Where a canonical ``(rank, outputs...)`` lora_B may be nonzero (None: everywhere)."""
+        if self.b_blocks == 1:
+            return None
+        ones = np.ones((int(np.prod(self.out_sizes)), rank // self.b_blocks, *self.b_tail), np.float32)
+        return self.b_to_canonical(ones)
 
     def out_to_torch(self, v) -> np.ndarray:
         return np.asarray(v).transpose(np.argsort(self.out_order)).reshape(-1)
@@ -211,6 +221,26 @@ class ParamMapping:
     flax_key: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _block_diagonal(x: np.ndarray, blocks: int) -> np.ndarray:
+    """PEFT's stacked diagonal blocks ``(R, C / blocks, ...)`` (block ``i``: rows ``i R / blocks ...``) as the full
+    block-diagonal ``(R, C, ...)`` (as ``torch.block_diag(*weight.chunk(blocks))``)."""
+    if blocks == 1:
+        return x
+    rows, cols = x.shape[0] // blocks, x.shape[1]
+    full = np.zeros((x.shape[0], cols * blocks, *x.shape[2:]), x.dtype)
+    for i in range(blocks):
+        full[i * rows:(i + 1) * rows, i * cols:(i + 1) * cols] = x[i * rows:(i + 1) * rows]
+    return full
+
+
+def _diagonal_blocks(x: np.ndarray, blocks: int) -> np.ndarray:
+    """The inverse of :func:`_block_diagonal`: a full ``(R, C, ...)``'s diagonal blocks, stacked ``(R, C / blocks, ...)``."""
+    if blocks == 1:
+        return x
+    rows, cols = x.shape[0] // blocks, x.shape[1] // blocks
+    return np.concatenate([x[i * rows:(i + 1) * rows, i * cols:(i + 1) * cols] for i in range(blocks)])
 
 
 def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:

@@ -27,17 +27,45 @@ def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
     return children[LORA_A].astype(jnp.float32) * children[RANK_SCALE]
 
 
+def _block_mask(spec: ModuleSpec, shape: tuple[int, ...], factor: str) -> np.ndarray | None:
+    """Where one layer's ``lora_A`` (``factor`` "a": (inputs..., r)) or ``lora_B`` ("b": (r, outputs...)) may be
+    nonzero when a source's factor is block-diagonal (a grouped conv's lora_B, BD-LoRA), else None."""
+    blocked = [s for s in spec.sources if getattr(s.placement, f"{factor}_blocks") > 1]
+    if not blocked:
+        return None
+    (source,) = blocked  # (block-diagonal factors are refused on stacked and fused kernels)
+    rank_axis = len(shape) - 1 if factor == "a" else 0
+    mask = np.zeros(shape, np.float32)
+    rows = [slice(None)] * len(shape)
+    rows[rank_axis] = slice(source.offset, source.offset + source.rank)
+    blocks = getattr(source.placement, f"{factor}_block_mask")(source.rank)
+    mask[tuple(rows)] = blocks.reshape(mask[tuple(rows)].shape)
+    return mask
+
+
+def part_masked_a(a: jax.Array, spec: ModuleSpec) -> jax.Array:
+    """One layer's ``lora_A`` (inputs..., r) with the entries off a block-diagonal A's blocks (BD-LoRA) zeroed, so
+    that training never grows them (identity otherwise)."""
+    mask = _block_mask(spec, a.shape, "a")
+    return a if mask is None else a * jnp.asarray(mask, a.dtype)
+
+
+def adapters_masked(stack: jax.Array, spec: ModuleSpec, factor: str) -> jax.Array:
+    """A several-adapter tree's ``lora_A`` (``factor`` "a") or ``lora_B`` ("b") stack (adapters, one layer's
+    factor...) with each adapter's block-diagonal factor masked as :func:`part_masked_a` / :func:`part_masked_b`."""
+    masks = [None if own is None else _block_mask(own, stack.shape[1:], factor) for _, own, _ in spec.adapters]
+    if all(m is None for m in masks):
+        return stack
+    full = np.stack([np.ones(stack.shape[1:], np.float32) if m is None else m for m in masks])
+    return stack * jnp.asarray(full, stack.dtype)
+
+
 def part_masked_b(b: jax.Array, spec: ModuleSpec) -> jax.Array:
     """One layer's ``lora_B`` (r, outputs...) of a fused kernel with everything outside each part's
-    own block of rank rows zeroed, so training never grows cross-part terms; a grouped convolution's
-    with everything outside its diagonal blocks zeroed (identity otherwise)."""
-    grouped = [s for s in spec.sources if s.placement.groups > 1]
-    if grouped:
-        (source,) = grouped
-        groups, rank = source.placement.groups, source.rank
-        blocks = np.kron(np.eye(groups, dtype=np.float32), np.ones((rank // groups, b.shape[1] // groups), np.float32))
-        mask = np.zeros(b.shape, np.float32)
-        mask[source.offset:source.offset + rank] = blocks
+    own block of rank rows zeroed, so training never grows cross-part terms; a block-diagonal one's (grouped
+    convolution, BD-LoRA) with everything outside its diagonal blocks zeroed (identity otherwise)."""
+    mask = _block_mask(spec, b.shape, "b")
+    if mask is not None:
         return b * jnp.asarray(mask, b.dtype)
     fused = [s for s in spec.sources if s.placement.part_axis is not None]
     if not fused:
@@ -141,10 +169,20 @@ def merge_refusals(node: AdaptedModule) -> list[str]:
     return why
 
 
+def _own_sources(spec: ModuleSpec):
+    """The factor sources of the module's LoRA and of each of its adapters'."""
+    own = [spec] + [s for _, s, _ in spec.adapters if s is not None]
+    return [source for s in own for source in s.sources]
+
+
 def is_grouped(spec: ModuleSpec) -> bool:
     """Whether the module's LoRA (any of its adapters') sits on a grouped convolution (``layout.Placement.groups``)."""
-    own = [spec] + [s for _, s, _ in spec.adapters if s is not None]
-    return any(source.placement.groups > 1 for s in own for source in s.sources)
+    return any(source.placement.groups > 1 for source in _own_sources(spec))
+
+
+def has_blocks(spec: ModuleSpec) -> bool:
+    """Whether the module's LoRA (any of its adapters') has a block-diagonal factor (grouped conv, BD-LoRA)."""
+    return any(source.placement.a_blocks > 1 or source.placement.b_blocks > 1 for source in _own_sources(spec))
 
 
 def merged_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
@@ -163,7 +201,7 @@ def merged_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
         raise UnsupportedAdapterError(f"{spec.peft_name}: {_NO_MERGE}", refused)
     kernel = children[spec.kernel_key]
     weight = to_canonical(kernel, spec).astype(jnp.float32)
-    one_layer = lambda a, b: factor_delta(a, part_masked_b(b, spec))  # noqa: E731
+    one_layer = lambda a, b: factor_delta(part_masked_a(a, spec), part_masked_b(b, spec))  # noqa: E731
     if spec.layer_axis is None:
         factors, in_axes = node, tuple(range(spec.in_ndim))
         delta = one_layer(scaled_a(factors), factors[LORA_B])

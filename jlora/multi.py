@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
 from .placement import replicated_like
-from .merge import is_grouped
+from .merge import has_blocks
 from .targeting import module_scale
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
                    AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path, is_adapter_key, set_paths)
@@ -289,10 +289,11 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     if fused:
         raise AdapterError("add_weighted does not support fused kernels (several PEFT modules in one kernel); "
                            "these modules are fused", fused)
-    grouped = sorted(n.spec.peft_name for n in multi if is_grouped(n.spec))
-    if grouped:
-        raise UnsupportedAdapterError("add_weighted does not support LoRA on grouped convolutions (the combined "
-                                      "factors would not keep lora_B's diagonal blocks)", grouped)
+    blocked = sorted(n.spec.peft_name for n in multi if has_blocks(n.spec))
+    if blocked:
+        raise UnsupportedAdapterError("add_weighted does not support block-diagonal factors (LoRA on grouped "
+                                      "convolutions, BD-LoRA): the combined factors would not keep the diagonal "
+                                      "blocks", blocked)
     chosen = list(weights)
     replaced = sorted(n.spec.peft_name for n in multi if n.per_adapter_tensors and
                       any(spec is not None and name in chosen for name, spec, _ in n.spec.adapters))

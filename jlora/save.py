@@ -62,10 +62,13 @@ def _source_values(node: AdaptedModule, source: FactorSource, fetch: Callable) -
                            "for another adapter (pad_rank makes different ranks share one). Rebuild it with "
                            "jlora.combine(trainable, frozen), `frozen` taken from this adapter's own load/init")
     a, b = children[LORA_A][..., cols], children[LORA_B][cols]
-    if pl.groups > 1 and np.any(pl.off_block_b(b)):
-        raise AdapterError(f"save: {source.peft_name} is a grouped convolution's LoRA (groups={pl.groups}), but its "
-                           "lora_B has nonzero values outside its diagonal blocks, which PEFT's grouped lora_B cannot "
-                           "hold (train it through jlora.wrap, which keeps them zero)")
+    off_blocks = [name for name, value, mask in ((LORA_A, a, pl.a_block_mask(source.rank)),
+                                                 (LORA_B, b, pl.b_block_mask(source.rank)))
+                  if mask is not None and np.any(value * (mask.reshape(value.shape) == 0))]
+    if off_blocks:
+        raise AdapterError(f"save: {source.peft_name}'s {' and '.join(off_blocks)} (block-diagonal: a grouped "
+                           "convolution's LoRA or BD-LoRA) has nonzero values outside its diagonal blocks, which "
+                           "PEFT's format cannot hold (train it through jlora.wrap or nnx_model, which keep them zero)")
     out_axis = None if pl.part_axis is None else pl.part_axis - pl.in_ndim
     if out_axis is not None:
         b = np.take(b, pl.part, axis=1 + out_axis)
@@ -214,6 +217,7 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
         for key in entries:
             produce(key)
         return out
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     writers = {WEIGHTS_NAME: lambda tmp: write_safetensors(tmp, entries, produce, metadata={"format": "pt"}),
                CONFIG_NAME: lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8")}
@@ -227,5 +231,7 @@ def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if created and not any(out.iterdir()):  # (a folder this call made: gone again, as if never called)
+            out.rmdir()
         raise
     return out

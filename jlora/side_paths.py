@@ -28,7 +28,8 @@ import numpy as np
 
 from .alora import token_mask
 from .fused_matmul import block_sizes, lora_matmul
-from .merge import dora_factor, factor_delta, is_grouped, part_masked_b, scaled_a, to_canonical
+from .merge import (adapters_masked, dora_factor, factor_delta, is_grouped, part_masked_a, part_masked_b,
+                    scaled_a, to_canonical)
 from .errors import AdapterError
 from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, ModuleSpec
 
@@ -121,22 +122,31 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
     return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
 
 
+def _a(entries: dict, spec: ModuleSpec) -> jax.Array:
+    return part_masked_a(entries[LORA_A], spec)
+
+
 def _b(entries: dict, spec: ModuleSpec) -> jax.Array:
     return part_masked_b(entries[LORA_B], spec)
 
 
+def _by_example(entries: dict, spec: ModuleSpec, key: str, idx: jax.Array) -> jax.Array:
+    """Several adapters: each example's slice of the ``lora_A`` or ``lora_B`` stack (block-diagonal ones masked)."""
+    return adapters_masked(entries[key], spec, "a" if key == LORA_A else "b")[idx]
+
+
 def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallContext, spec: ModuleSpec) -> jax.Array:
     """``(x @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x (the LoRA input)."""
-    a = entries[LORA_A]
     in_axes = tuple(range(len(x_axes)))
     if spec.adapters:  # one adapter per example: gather (in, r) and (r, out) slices, never (in, out)
-        if a.ndim != len(x_axes) + 2:
+        if entries[LORA_A].ndim != len(x_axes) + 2:
             raise AdapterError(f"{spec.peft_name}: a stacked kernel's adapters reach the module unsliced; mixed "
                                "batches need the layers sliced (nn.scan), one adapter can run with jlora.select")
         idx, scale = _example_adapters(entries, ctx, spec)
-        xa = jax.lax.dot_general(x, a[idx], ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
+        a = _by_example(entries, spec, LORA_A, idx)
+        xa = jax.lax.dot_general(x, a, ((x_axes, tuple(1 + i for i in in_axes)), ((0,), (0,))))
         return _example_up(xa, entries, idx, scale, spec)
-    b = _b(entries, spec)
+    a, b = _a(entries, spec), _b(entries, spec)
     n_in = len(x_axes)
     if x_axes == tuple(range(x.ndim - n_in, x.ndim)):  # trailing axes: plain 2-D matmuls (faster on XLA:CPU,
         lead = x.shape[:x.ndim - n_in]                  # above all for the gradients, which contract over tokens)
@@ -154,7 +164,7 @@ def _example_up(xa: jax.Array, entries: dict, idx: jax.Array, scale: jax.Array, 
     per_column = any(s.placement.fused for _, own, _ in spec.adapters if own is not None for s in own.sources)
     if per_column:
         xa = xa * scale.reshape(scale.shape[0], *([1] * (xa.ndim - 2)), scale.shape[-1])
-    lora = jax.lax.dot_general(xa, entries[LORA_B][idx], (((xa.ndim - 1,), (1,)), ((0,), (0,))))
+    lora = jax.lax.dot_general(xa, _by_example(entries, spec, LORA_B, idx), (((xa.ndim - 1,), (1,)), ((0,), (0,))))
     by_example = lambda v: v.reshape(v.shape[0], *([1] * (lora.ndim - v.ndim)), *v.shape[1:])  # noqa: E731
     if LORA_BIAS in entries:  # (simple modules only)
         lora = lora + by_example(entries[LORA_BIAS][idx]).astype(lora.dtype)
@@ -205,7 +215,7 @@ def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entri
                       f"on every call (one more kernel each for A and B); load it with dtype=jnp.{x.dtype}",
                       stacklevel=2)
     scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
-    y = lora_matmul(x.reshape(-1, n_in), kernel, entries[LORA_A].astype(x.dtype), _b(entries, spec).astype(x.dtype),
+    y = lora_matmul(x.reshape(-1, n_in), kernel, _a(entries, spec).astype(x.dtype), _b(entries, spec).astype(x.dtype),
                     scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
     y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
@@ -263,12 +273,12 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
                                f"axis, kept in the output and not in the kernel ({spec_str!r}), and no lora_bias; "
                                "jlora.select one adapter")
         idx, scale = _example_adapters(entries, ctx, spec)
-        xa = jnp.einsum(f"{x_sub},{batch}{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A][idx])
+        xa = jnp.einsum(f"{x_sub},{batch}{''.join(ins)}{r}->{x_rest}{r}", x, _by_example(entries, spec, LORA_A, idx))
         at = x_rest.index(batch)
         xa = xa * scale.reshape(*[1] * at, -1, *[1] * (len(x_rest) - at - 1), scale.shape[-1])
-        lora = jnp.einsum(f"{x_rest}{r},{batch}{r}{''.join(outs)}->{out}", xa, entries[LORA_B][idx])
+        lora = jnp.einsum(f"{x_rest}{r},{batch}{r}{''.join(outs)}->{out}", xa, _by_example(entries, spec, LORA_B, idx))
         return _finish(module, y, lora, entries, spec)
-    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, entries[LORA_A])
+    xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, _a(entries, spec))
     lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str),
                    ctx)

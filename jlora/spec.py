@@ -222,6 +222,28 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                 b = (b[0], rank, *b[2:])  # (checked as its block-diagonal (out, r) below)
                 if out_total % placement.groups:
                     problems.append(f"{name}: {out_total} output channels do not split into {placement.groups} groups")
+            a_blocks, b_blocks = config.block_diagonal(name)
+            strict = (config.use_bdlora or {}).get("match_strict", True)
+            if config.use_bdlora and strict and a_blocks == b_blocks == 1:
+                problems.append(f"{name}: BD-LoRA (use_bdlora, match_strict) but the module matches neither "
+                                "target_modules_bd_a nor target_modules_bd_b")
+            if a_blocks > 1 or b_blocks > 1:
+                blocks = max(a_blocks, b_blocks)
+                if emb or placement.b_tail or parameter or placement.stacked or placement.fused:
+                    problems.append(f"{name}: BD-LoRA (use_bdlora) on an embedding, a convolution or a parameter "
+                                    "(PEFT's BD-LoRA adapts Linear layers only), or on a stacked or fused kernel "
+                                    "(not supported)")
+                    continue
+                in_total = int(np.prod(placement.in_sizes))
+                if rank % blocks or (in_total if a_blocks > 1 else out_total) % blocks:
+                    problems.append(f"{name}: BD-LoRA with {blocks} blocks needs the rank ({rank}) and the "
+                                    f"{'input' if a_blocks > 1 else 'output'} size "
+                                    f"({in_total if a_blocks > 1 else out_total}) divisible by {blocks}")
+                    continue
+                placement = placement.with_blocks(a_blocks, b_blocks)
+                target.placement = placement
+                if b_blocks > 1 and b[1:2] == (rank // b_blocks,):
+                    b = (b[0], rank, *b[2:])  # (checked as its block-diagonal (out, r) below)
             if a[:1] != (rank,) or b[1:2] != (rank,):
                 problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
                                 f"the config gives rank {rank}")

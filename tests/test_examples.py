@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("fused_kernel.py", []),
     ("moe_experts.py", []),
     ("activated_lora.py", []),
+    ("block_diagonal.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
