@@ -25,6 +25,10 @@ from .errors import AdapterError
 from .tree import adapted_modules
 
 
+# the offset of an example whose adapter is not an aLoRA (several adapters): every token, in any call
+EVERY_TOKEN = 2**30
+
+
 def invocation_tokens(source: Any) -> list[int]:
     """The invocation token ids of ``source``: a :class:`LoraConfig`, a LoRA tree (``jlora.load``'s result) or the
     ids themselves. Raises when it is not an aLoRA adapter."""
@@ -33,35 +37,62 @@ def invocation_tokens(source: Any) -> list[int]:
     elif isinstance(source, Sequence) and not isinstance(source, str):
         tokens = list(source)
     else:
+        by_adapter = _adapter_tokens(source)
+        if by_adapter:
+            raise AdapterError("alora_offsets: the tree holds several adapters; pass adapter_ids=... (each example's "
+                               "adapter index, -1 for the base model)")
         configs = {node.spec.config_json for _, node in adapted_modules(source) if node.spec.activated}
-        if len(configs) > 1:
-            raise AdapterError("alora_offsets: the tree holds several aLoRA adapters; pass one's config")
         tokens = json.loads(configs.pop()).get("alora_invocation_tokens") if configs else None
     if not tokens:
         raise AdapterError("alora_offsets: not an aLoRA adapter (its config sets no alora_invocation_tokens)")
     return [int(t) for t in tokens]
 
 
-def alora_offsets(source: Any, input_ids: Any) -> np.ndarray:
+def _adapter_tokens(lora_params: Any) -> list[list[int] | None]:
+    """A several-adapter tree's adapters, in index order: each one's invocation tokens (None: not an aLoRA)."""
+    tokens: dict[str, list[int] | None] = {}
+    for _, node in adapted_modules(lora_params):
+        for name, own, _ in node.spec.adapters:
+            if own is not None and (tokens.get(name) is None):
+                tokens[name] = json.loads(own.config_json).get("alora_invocation_tokens") if own.activated else None
+            tokens.setdefault(name, None)
+    return list(tokens.values())
+
+
+def _last_invocation(tokens: np.ndarray, row: np.ndarray) -> int:
+    """How many of ``row``'s tokens there are from the start of the last occurrence of ``tokens`` on (0: none)."""
+    if len(tokens) > len(row):
+        return 0
+    windows = np.lib.stride_tricks.sliding_window_view(row, len(tokens))
+    starts = np.flatnonzero(np.all(windows == tokens, axis=-1))
+    return int(len(row) - starts[-1]) if starts.size else 0
+
+
+def alora_offsets(source: Any, input_ids: Any, adapter_ids: Any = None) -> np.ndarray:
     """Each example's aLoRA offset (see module docstring) for ``input_ids`` ``(batch, T)`` (or ``(T,)``), as PEFT
-    computes it; ``source`` as in :func:`invocation_tokens`.
+    computes it; ``source`` as in :func:`invocation_tokens`. A tree of several adapters needs each example's
+    ``adapter_ids`` (as the wrapped call's): an example whose adapter is not an aLoRA gets its adapter on every
+    token, one of the base model (-1) on none.
 
     Example:
         >>> alora_offsets([7, 8], np.array([[1, 7, 8, 2, 3], [1, 2, 3, 4, 5]]))
         array([4, 0], dtype=int32)
     """
-    tokens = np.asarray(invocation_tokens(source))
     ids = np.asarray(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
-    n, length = len(tokens), ids.shape[1]
-    out = np.zeros(ids.shape[0], np.int32)
-    if n > length:
-        return out
-    windows = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)  # (batch, T - n + 1, n)
-    for row, hits in enumerate(np.all(windows == tokens, axis=-1)):
-        starts = np.flatnonzero(hits)
-        if starts.size:
-            out[row] = length - starts[-1]
+    if adapter_ids is None:
+        tokens = np.asarray(invocation_tokens(source))
+        return np.array([_last_invocation(tokens, row) for row in ids], np.int32)
+    by_adapter = _adapter_tokens(source)
+    chosen = np.asarray(adapter_ids).reshape(-1)
+    if not by_adapter or len(chosen) != len(ids) or chosen.max(initial=-1) >= len(by_adapter):
+        raise AdapterError(f"alora_offsets: adapter_ids {chosen.tolist()} must index the tree's "
+                           f"{len(by_adapter)} adapters, one per example ({len(ids)})")
+    out = np.zeros(len(ids), np.int32)
+    for i, (row, index) in enumerate(zip(ids, chosen)):
+        if index >= 0:
+            tokens = by_adapter[index]
+            out[i] = EVERY_TOKEN if tokens is None else _last_invocation(np.asarray(tokens), row)
     return out
 
 

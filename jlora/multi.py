@@ -63,7 +63,6 @@ def _check_single(node: AdaptedModule, name: str, base: Mapping, head_tied: bool
         node and (spec.token_head or head_tied and _task_type(spec) not in _TASKS_WITHOUT_LM_HEAD),
         "the tensors of a LoRA variant (VeLoRA, MonteCLoRA)": any(k.startswith(VARIANT_EXTRA) for k in node),
         "LoRA on a parameter (target_parameters: PEFT's mixed batches refuse it too)": spec.wrapper,
-        "aLoRA (alora_invocation_tokens)": spec.activated,
     }
     problems = [what for what, bad in unsupported.items() if bad]
     if problems:
@@ -148,7 +147,7 @@ def _stack_lora(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedMo
         with_bias = next(n for n in by_name.values() if LORA_BIAS in n)[LORA_BIAS]
         children[LORA_BIAS] = _placed_like(bias.astype(with_bias.dtype), with_bias, None)
     spec = dataclasses.replace(some.spec, trainable=(LORA_A, LORA_B), sources=(), file_keys=(),
-                               adapters=tuple(entries))
+                               adapters=tuple(entries), activated=any(n.spec.activated for n in by_name.values()))
     return AdaptedModule(children, spec)
 
 

@@ -101,8 +101,6 @@ def test_saves_back_and_refusals(twin, tmp_path):
     assert_saves_back(lp, twin.adapter_dir, tmp_path / "saved")
     with pytest.raises(jlora.UnsupportedAdapterError, match="aLoRA"):
         jlora.merge(lp)
-    with pytest.raises(jlora.AdapterError, match="aLoRA"):
-        jlora.load(twin.flax_model.params, {"a": twin.adapter_dir, "b": twin.adapter_dir})
     with pytest.raises(jlora.ConfigError, match="alora_invocation_tokens"):
         jlora.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
                                     "alora_invocation_tokens": [1, 2], "use_dora": True})
@@ -158,3 +156,45 @@ def test_stacked_nnx_layers_adapt_the_last_offset_tokens(tmp_path):
     np.testing.assert_allclose(got[0, :3], base[0, :3], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[1], base[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[2], full[2], rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_batch_matches_peft(tmp_path):
+    """An aLoRA adapter beside a plain one and the base model in one batch (PEFT's adapter_names, which finds each
+    row's offsets with its own adapter's invocation): logits and greedy generation with a KV cache."""
+    import peft
+
+    from peft_twin import perturb_trainable, saved_pair
+
+    torch_cls, flax_cls, cfg = llama()
+    base, flax_model = saved_pair(torch_cls, flax_cls, cfg, tmp_path / "base")
+    adapters = {"activated": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                  alora_invocation_tokens=INVOKE, task_type="CAUSAL_LM"),
+                "plain": dict(r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")}
+    for seed, (name, lora) in enumerate(adapters.items()):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+        perturb_trainable(pm, 20 + seed)
+        pm.save_pretrained(tmp_path / name)
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "activated", adapter_name="activated")
+    judge.load_adapter(tmp_path / "plain", adapter_name="plain")
+    judge.eval()
+    names = ["activated", "plain", "__base__", "activated", "activated"]
+    adapter_ids = np.array([0, 1, -1, 0, 0])
+    lp = jlora.load(flax_model.params, {name: tmp_path / name for name in adapters})
+
+    offsets = jlora.alora_offsets(lp, IDS, adapter_ids)
+    assert list(offsets[[0, 3, 4]]) == [6, 0, 0] and offsets[1] >= IDS.shape[1] and offsets[2] == 0
+    with torch.no_grad():
+        want = judge(input_ids=torch.as_tensor(IDS).long(), adapter_names=names).logits.numpy()
+    got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=adapter_ids, alora_offsets=offsets)
+    assert rel_err(got.logits, want) <= 1e-5
+
+    prompt = IDS[:, :6]
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = judge.generate(input_ids=torch.as_tensor(prompt).long(), attention_mask=torch.ones(prompt.shape),
+                              adapter_names=names, eos_token_id=None, **greedy).numpy()
+    got = jlora.wrap(flax_model.generate)(prompt, params=lp, adapter_ids=adapter_ids, eos_token_id=cfg.vocab_size,
+                                          alora_offsets=jlora.alora_offsets(lp, prompt, adapter_ids), **greedy)
+    np.testing.assert_array_equal(np.asarray(got.sequences), want)
+    with pytest.raises(jlora.AdapterError, match="adapter_ids"):
+        jlora.alora_offsets(lp, IDS)
