@@ -24,6 +24,7 @@ BD = {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], use_bdlora=BD)
 O_PROJ = "base_model.model.model.layers.0.self_attn.o_proj"
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
+IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,21 @@ def test_inspect_names_the_blocks(twin):
     kinds = {g["module"]: g["kind"] for g in info["groups"]}
     assert kinds["o_proj"] == "LoRA (A block-diagonal, 2 blocks)" and kinds["up_proj"] == "LoRA (B block-diagonal, 2 blocks)"
     assert "options     BD-LoRA (2 blocks)" in format_description(info)
+
+
+def test_nnx_model_matches_peft_and_stacked_kernels_are_refused(tmp_path):
+    """jlora.nnx_model runs BD-LoRA as PEFT (NNX Llama); a scanned layout (layers stacked in one kernel) is refused
+    with the modules named."""
+    from llama_variants import make_nnx_llama, nnx_pure_params_from_torch, scanned_params_from_torch
+    from test_layouts import NNX, SCANNED, torch_llama
+
+    lora = {**LORA, "target_modules": ["q_proj", "o_proj", "up_proj", "down_proj"]}
+    cfg, base, judge = torch_llama(tmp_path, lora)
+    with torch.no_grad():
+        want = judge(input_ids=torch.as_tensor(IDS).long()).logits.numpy()
+    graphdef, state = make_nnx_llama(cfg, abstract=True)
+    lp = jlora.load(nnx_pure_params_from_torch(base.state_dict(), cfg, template=state), tmp_path / "adapter",
+                    layout=NNX)
+    assert rel_err(jax.jit(lambda p: jlora.nnx_model(graphdef, p)(IDS))(lp), want) <= 1e-5
+    with pytest.raises(jlora.TargetMismatchError, match="stacked or fused kernel"):
+        jlora.load(scanned_params_from_torch(base.state_dict(), cfg), tmp_path / "adapter", layout=SCANNED)
