@@ -38,7 +38,7 @@ def off_block(factor: np.ndarray, rank_axis: int) -> float:
 def main() -> int:
     model = FlaxLlamaForCausalLM.from_pretrained(ASSETS / "tiny-llama")
     config = jlora.LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        r=8, lora_alpha=16, target_modules="all-linear",
         use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"],
                     "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], "nblocks": BLOCKS})
     lora_params = jlora.init(model.params, config, key=jax.random.key(0))

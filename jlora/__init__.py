@@ -22,8 +22,9 @@ from .tree import AdaptedModule, ModuleSpec
 from .wrap import wrap
 
 __all__ = [
-    "AdaptedModule", "AdapterError", "alora_offsets", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "Rule", "ModuleSpec",
-    "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "combine", "count_trainable", "init", "load",
-    "merge", "nnx_model", "optimizer", "place", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
+    "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "combine",
+    "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "save", "select", "split",
+    "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

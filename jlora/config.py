@@ -327,9 +327,10 @@ def _bdlora_problems(cfg: LoraConfig) -> list[str]:
         both = set(bd.get("target_modules_bd_a") or []) & set(bd.get("target_modules_bd_b") or [])
         if both:
             p.append(f"use_bdlora: patterns {sorted(both)} are in both target_modules_bd_a and target_modules_bd_b")
-    others = [name for name, on in (("use_dora", cfg.use_dora), ("alora_invocation_tokens", cfg.alora_invocation_tokens),
-                                    ("velora_config", cfg.velora_config), ("monteclora_config", cfg.monteclora_config),
-                                    ("init_lora_weights='mica'", cfg.init_lora_weights == "mica")) if on]
+    variants = (("use_dora", cfg.use_dora), ("alora_invocation_tokens", cfg.alora_invocation_tokens),
+                ("velora_config", cfg.velora_config), ("monteclora_config", cfg.monteclora_config),
+                ("init_lora_weights='mica'", cfg.init_lora_weights == "mica"))
+    others = [name for name, on in variants if on]
     if others:
         p.append(f"use_bdlora with {', '.join(others)}: PEFT has no such variant combination")
     return p

@@ -236,7 +236,8 @@ def _block_diagonal(x: np.ndarray, blocks: int) -> np.ndarray:
 
 
 def _diagonal_blocks(x: np.ndarray, blocks: int) -> np.ndarray:
-    """The inverse of :func:`_block_diagonal`: a full ``(R, C, ...)``'s diagonal blocks, stacked ``(R, C / blocks, ...)``."""
+    """The inverse of :func:`_block_diagonal`: a full ``(R, C, ...)``'s diagonal blocks, stacked as
+    ``(R, C / blocks, ...)``."""
     if blocks == 1:
         return x
     rows, cols = x.shape[0] // blocks, x.shape[1] // blocks

@@ -62,8 +62,8 @@ def test_generate_matches_peft(twin):
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     no_eos = twin.flax_model.config.vocab_size  # (Flax's generate needs an eos id: one it can never produce)
     with torch.no_grad():
-        want = twin.peft_model.generate(input_ids=torch.as_tensor(prompt).long(), attention_mask=torch.ones(prompt.shape),
-                                        eos_token_id=None, **greedy).numpy()
+        want = twin.peft_model.generate(input_ids=torch.as_tensor(prompt).long(),
+                                        attention_mask=torch.ones(prompt.shape), eos_token_id=None, **greedy).numpy()
     lp = jlora.load(twin.flax_model.params, twin.adapter_dir)
     got = jlora.wrap(twin.flax_model.generate)(prompt, params=lp, alora_offsets=jlora.alora_offsets(lp, prompt),
                                                eos_token_id=no_eos, **greedy).sequences

@@ -156,7 +156,8 @@ def test_inspect_names_the_blocks(twin):
 
     info = describe_adapter(twin.adapter_dir)
     kinds = {g["module"]: g["kind"] for g in info["groups"]}
-    assert kinds["o_proj"] == "LoRA (A block-diagonal, 2 blocks)" and kinds["up_proj"] == "LoRA (B block-diagonal, 2 blocks)"
+    assert kinds["o_proj"] == "LoRA (A block-diagonal, 2 blocks)"
+    assert kinds["up_proj"] == "LoRA (B block-diagonal, 2 blocks)"
     assert "options     BD-LoRA (2 blocks)" in format_description(info)
 
 
