@@ -7,6 +7,7 @@ Example:
     >>> merged = jlora.merge(lora_params)                             # plain params, adapter folded in
 """
 from .alora import alora_offsets
+from .arrow import arrow
 from .config import LoraConfig
 from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, TargetMismatchError,
                      UnsupportedAdapterError)
@@ -23,8 +24,8 @@ from .wrap import wrap
 
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
-    "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "combine",
-    "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "save", "select", "split",
-    "to_peft_tensors", "trainable_mask", "wrap",
+    "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "arrow",
+    "combine", "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "save", "select",
+    "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

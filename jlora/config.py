@@ -30,7 +30,7 @@ KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
 UNSUPPORTED_WHEN_SET = {
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
-    "arrow_config": "Arrow routing",
+    "arrow_config": "an Arrow router adapter: load the task adapters together and route them with jlora.arrow",
     "megatron_config": "Megatron parallel layers",
     "kasa_config": "KaSA",
 }

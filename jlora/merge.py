@@ -190,6 +190,9 @@ def merged_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
     embedding table goes into the one leaf, which a tied output head reads too (see :func:`merge`). A LoRA on a
     parameter: the merged parameter."""
     spec = node.spec
+    if spec.arrow:
+        raise UnsupportedAdapterError(f"{spec.peft_name}: {_NO_MERGE}", ["Arrow routing (each token chooses its "
+                                                                          "adapters)"])
     if spec.adapters:
         raise AdapterError(f"{spec.peft_name}: the tree holds several adapters; jlora.select one (or "
                            "jlora.add_weighted them) before merging")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .alora import token_mask
+from .arrow import arrow_delta
 from .fused_matmul import block_sizes, lora_matmul
 from .merge import (adapters_masked, dora_factor, factor_delta, is_grouped, part_masked_a, part_masked_b,
                     scaled_a, to_canonical)
@@ -138,6 +139,8 @@ def _by_example(entries: dict, spec: ModuleSpec, key: str, idx: jax.Array) -> ja
 def _contract(x: jax.Array, entries: dict, x_axes: tuple[int, ...], ctx: CallContext, spec: ModuleSpec) -> jax.Array:
     """``(x @ A) @ B`` with A's leading axes contracted against ``x_axes`` of x (the LoRA input)."""
     in_axes = tuple(range(len(x_axes)))
+    if spec.arrow:  # every token routed through its closest adapters (jlora.arrow: plain Linear kernels only)
+        return arrow_delta(x, entries, spec)
     if spec.adapters:  # one adapter per example: gather (in, r) and (r, out) slices, never (in, out)
         if entries[LORA_A].ndim != len(x_axes) + 2:
             raise AdapterError(f"{spec.peft_name}: a stacked kernel's adapters reach the module unsliced; mixed "

@@ -26,7 +26,9 @@ RANK_SCALE = "lora_scale"
 # a replaced embedding table whose output head is tied to it: the base table, which the head keeps reading
 # (PEFT's modules_to_save copies the embedding module; the tied head still holds the original weight)
 BASE_TABLE = "base_table"
-ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE)
+# Arrow routing (jlora.arrow): each task adapter's prototype, the top right singular vector of its B @ A (E, in)
+ARROW_PROTOTYPES = "arrow_prototypes"
+ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE, ARROW_PROTOTYPES)
 # several adapters that replace a module's tensors (modules_to_save, trainable tokens): ``by_adapter_<key>``
 # holds every adapter's value of the module's ``<key>`` along a leading adapter axis (base values for an adapter
 # that leaves it alone), and ``by_adapter_token_delta`` their trainable-token rows
@@ -101,6 +103,9 @@ class ModuleSpec:
     # activated LoRA (alora_invocation_tokens, see jlora.alora): the LoRA term only on each example's last
     # alora_offsets tokens
     activated: bool = False
+    # Arrow routing over the module's adapters (jlora.arrow): (top_k, router_temperature); every token runs the
+    # softmax-weighted top_k adapters whose prototypes its input is closest to
+    arrow: tuple = ()
 
     @property
     def has_lora(self) -> bool:
