@@ -17,6 +17,7 @@ from .init import init
 from .merge import merge
 from .multi import add_weighted, select
 from .nnx_model import nnx_model
+from .replication import replicate_layers
 from .save import save, to_peft_tensors
 from .train import combine, count_trainable, optimizer, split, trainable_mask
 from .tree import AdaptedModule, ModuleSpec
@@ -25,7 +26,7 @@ from .wrap import wrap
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
     "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "arrow",
-    "combine", "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "save", "select",
-    "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "combine", "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "replicate_layers",
+    "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,6 @@ KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
 
 # Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
 UNSUPPORTED_WHEN_SET = {
-    "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "arrow_config": "an Arrow router adapter: load the task adapters together and route them with jlora.arrow",
     "megatron_config": "Megatron parallel layers",
@@ -287,6 +286,11 @@ def _validate(cfg: LoraConfig) -> list[str]:
     elif at and cfg.use_dora:
         p.append("alora_invocation_tokens with use_dora: PEFT has no such variant combination")
     p.extend(_bdlora_problems(cfg))
+    lr = cfg.layer_replication
+    if lr is not None and not (isinstance(lr, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and all(_is_int(i) for i in pair) and 0 <= pair[0] < pair[1]
+            for pair in lr)):
+        p.append(f"layer_replication must be a list of [start, end) layer pairs or null, found {lr!r}"[:300])
     tp = cfg.target_parameters
     if tp is not None and not _is_str_list(tp):
         p.append(f"target_parameters must be a list of parameter names or null, found {tp!r}")

@@ -24,6 +24,7 @@ from .layout import get_layout
 from .multi import stack_adapters
 from .param_targets import split_wrappers
 from .placement import Placer, ShardingArg
+from .replication import check_depth
 from .spec import build_targets, group_keys
 from .tree import as_param_tree
 
@@ -45,6 +46,7 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
         >>> lp = jlora.place(params, LoraConfig(r=4, target_modules=["q_proj"]), tensors)
     """
     params = as_param_tree(params)
+    check_depth(params, config.layer_replication)
     placer = Placer(device=device, sharding=sharding, check_finite=not allow_nonfinite, source=source)
     _check_dtypes(tensors, source)
     bound = get_layout(layout).bind(params, list(group_keys(tensors.keys(), source)))

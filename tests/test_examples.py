@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("activated_lora.py", []),
     ("block_diagonal.py", []),
     ("arrow_routing.py", []),
+    ("layer_replication.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
