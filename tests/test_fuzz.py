@@ -73,7 +73,13 @@ VALID = {  # plausible values
     "use_rslora": st.booleans(), "bias": st.sampled_from(["none", "all", "lora_only"]),
     "lora_dropout": st.floats(0, 0.99),
     "init_lora_weights": st.sampled_from([True, False, "gaussian", "eva"]), "peft_type": st.just("LORA"),
-    "fan_in_fan_out": st.booleans(), "inference_mode": st.booleans(), "layer_replication": st.none(),
+    "fan_in_fan_out": st.booleans(), "inference_mode": st.booleans(),
+    "layer_replication": st.none() | st.just([[0, 2], [1, 2]]) | st.just([[0, 2]]),
+    "use_bdlora": st.none() | st.fixed_dictionaries({}, optional={
+        "target_modules_bd_a": st.lists(module_names, max_size=2),
+        "target_modules_bd_b": st.lists(module_names, max_size=2), "nblocks": st.integers(1, 4),
+        "match_strict": st.booleans()}),
+    "alora_invocation_tokens": st.none() | st.lists(st.integers(0, 80), max_size=3),
     "use_qalora": st.just(False), "future_field": json_values,
 }
 JUNK = {  # wrong types, out-of-range or absurd values, bad regular expressions
@@ -91,7 +97,7 @@ JUNK = {  # wrong types, out-of-range or absurd values, bad regular expressions
     "init_lora_weights": st.sampled_from(["pissa", "olora_x", "nope"]) | json_values,
     "peft_type": st.sampled_from(["IA3", "lora", ""]) | json_values, "fan_in_fan_out": json_values,
     "inference_mode": json_values, "layer_replication": json_values, "use_qalora": json_values,
-    "future_field": json_values,
+    "use_bdlora": json_values, "alora_invocation_tokens": json_values, "future_field": json_values,
 }
 # half the configs are plausible through and through, half have some junk fields
 config_dicts = st.fixed_dictionaries({}, optional=VALID) | st.fixed_dictionaries(
@@ -127,9 +133,9 @@ def test_any_adapter_config_file_loads_or_raises_adapter_error(tmp_path_factory,
     before = _snapshot(tmp)
     lp = expect_adapter_error(jlora.load, PARAMS, folder)
     assert _snapshot(tmp) == before  # nothing written, nothing changed
-    if lp is not None:
+    if lp is not None and not data.get("alora_invocation_tokens"):
         merged = expect_adapter_error(jlora.merge, lp)
-        assert merged is not None  # an accepted adapter merges
+        assert merged is not None  # an accepted adapter merges (but an aLoRA, as in PEFT)
 
 
 # ---- adapter_model.safetensors ----------------------------------------------------------------------
