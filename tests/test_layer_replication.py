@@ -71,3 +71,11 @@ def test_bad_maps_are_refused(case):
         jlora.LoraConfig(r=2, layer_replication=[[2, 1]])
     with pytest.raises(jlora.AdapterError, match="no list of layers"):
         jlora.replicate_layers({"dense": {"kernel": np.zeros((2, 2))}}, LAYER_MAP)
+
+
+def test_inspect_names_the_replication(case):
+    from jlora.describe import describe_adapter, format_description
+
+    tmp = case[0]
+    assert "layer_replication [[0, 2], [1, 2]] (jlora.replicate_layers)" in format_description(
+        describe_adapter(tmp / "adapter"))
