@@ -117,3 +117,19 @@ def saved_pair(torch_cls, flax_cls, config, folder: Path, seed: int = 0):
     base = torch_cls(config).eval()
     base.save_pretrained(folder, safe_serialization=True)
     return base, flax_cls.from_pretrained(folder, from_pt=True)
+
+
+def peft_family(tmp: Path, base: torch.nn.Module, loras: dict, seed: int) -> torch.nn.Module:
+    """Each adapter of ``loras`` (name -> LoraConfig kwargs) made on ``base`` with random non-zero tensors and saved
+    under ``tmp / name``, and one PeftModel (eval) holding them all under their names."""
+    import peft
+
+    for i, (name, lora) in enumerate(loras.items()):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
+        perturb_trainable(pm, seed + i)
+        pm.save_pretrained(tmp / name)
+    names = list(loras)
+    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        judge.load_adapter(tmp / name, adapter_name=name)
+    return judge.eval()

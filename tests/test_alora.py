@@ -161,22 +161,14 @@ def test_stacked_nnx_layers_adapt_the_last_offset_tokens(tmp_path):
 def test_mixed_batch_matches_peft(tmp_path):
     """An aLoRA adapter beside a plain one and the base model in one batch (PEFT's adapter_names, which finds each
     row's offsets with its own adapter's invocation): logits and greedy generation with a KV cache."""
-    import peft
-
-    from peft_twin import perturb_trainable, saved_pair
+    from peft_twin import peft_family, saved_pair
 
     torch_cls, flax_cls, cfg = llama()
     base, flax_model = saved_pair(torch_cls, flax_cls, cfg, tmp_path / "base")
     adapters = {"activated": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                   alora_invocation_tokens=INVOKE, task_type="CAUSAL_LM"),
                 "plain": dict(r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")}
-    for seed, (name, lora) in enumerate(adapters.items()):
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
-        perturb_trainable(pm, 20 + seed)
-        pm.save_pretrained(tmp_path / name)
-    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "activated", adapter_name="activated")
-    judge.load_adapter(tmp_path / "plain", adapter_name="plain")
-    judge.eval()
+    judge = peft_family(tmp_path, base, adapters, seed=20)
     names = ["activated", "plain", "__base__", "activated", "activated"]
     adapter_ids = np.array([0, 1, -1, 0, 0])
     lp = jlora.load(flax_model.params, {name: tmp_path / name for name in adapters})

@@ -14,7 +14,7 @@ import transformers as tf
 
 import jlora
 from jlora import side_paths
-from peft_twin import perturb_trainable, rel_err
+from peft_twin import peft_family, perturb_trainable, rel_err
 
 ADAPTERS = {
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -113,13 +113,8 @@ def test_mixed_batch_with_lora_bias_matches_peft(tmp_path):
     flax_model = tf.FlaxLlamaForCausalLM.from_pretrained(tmp_path / "base", from_pt=True)
     loras = {"plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
              "biased": dict(r=3, lora_alpha=9, target_modules=["q_proj", "o_proj"], lora_bias=True)}
-    for seed, (name, lora) in enumerate(loras.items()):
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
-        perturb_trainable(pm, 20 + seed)
-        pm.save_pretrained(tmp_path / name)
-    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain", adapter_name="plain")
-    judge.load_adapter(tmp_path / "biased", adapter_name="biased")
-    want = torch_out(judge.eval(), adapter_names=["biased", "plain", "__base__", "biased"])
+    judge = peft_family(tmp_path, base, loras, seed=20)
+    want = torch_out(judge, adapter_names=["biased", "plain", "__base__", "biased"])
     sources = {name: tmp_path / name for name in loras}
     lp = jlora.load(flax_model.params, sources)
     got = jax.jit(jlora.wrap(flax_model.__call__))(IDS, params=lp, adapter_ids=jnp.array([1, 0, -1, 1])).logits
@@ -176,19 +171,6 @@ def test_add_weighted_matches_peft(setup, tmp_path, method, names, weights):
     assert rel_err(got, torch_out(again)) <= 1e-4
 
 
-def _peft_family(tmp, base, loras: dict, seed: int) -> peft.PeftModel:
-    """Each adapter of ``loras`` saved under ``tmp / name`` (random non-zero tensors), and one PeftModel holding all."""
-    for i, (name, lora) in enumerate(loras.items()):
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora))
-        perturb_trainable(pm, seed + i)
-        pm.save_pretrained(tmp / name)
-    names = list(loras)
-    judge = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        judge.load_adapter(tmp / name, adapter_name=name)
-    return judge.eval()
-
-
 def _assert_select_gives_back(flax_params, lp, sources: dict) -> None:
     for name, source in sources.items():
         alone, picked = jlora.load(flax_params, source), jlora.select(lp, name)
@@ -225,7 +207,7 @@ def test_mixed_batch_of_classifiers_matches_peft(bert, tmp_path, kind):
     each adapter; add_weighted refuses replaced tensors."""
     base, flax_model = bert
     loras = {name: {**lora, "task_type": "SEQ_CLS"} for name, lora in CLASSIFIERS[kind].items()}
-    judge = _peft_family(tmp_path, base, loras, seed=30)
+    judge = peft_family(tmp_path, base, loras, seed=30)
     sources = {name: tmp_path / name for name in loras}
     lp = jlora.load(flax_model.params, sources)
     assert lp["classifier"]["by_adapter_kernel"].shape == (2, 32, 3)
@@ -285,7 +267,7 @@ def test_mixed_batch_with_saved_tied_embedding_matches_peft(tmp_path):
     flax_model = flax_cls.from_pretrained(tmp_path / "base", from_pt=True)
     loras = {"a": dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte"], fan_in_fan_out=True),
              "b": dict(r=2, lora_alpha=8, target_modules=["c_fc"], modules_to_save=["wte"], fan_in_fan_out=True)}
-    judge = _peft_family(tmp_path, base, loras, seed=50)
+    judge = peft_family(tmp_path, base, loras, seed=50)
     names = ["a", "__base__", "b", "b"]
     with torch.no_grad():
         want = judge(input_ids=torch.as_tensor(IDS).long(), adapter_names=names).logits.numpy()
@@ -322,7 +304,7 @@ def test_mixed_batch_on_convolutions_matches_peft(tmp_path):
     loras = {"a": dict(r=4, lora_alpha=8, target_modules=["projection", "query"], modules_to_save=["classifier"]),
              "b": dict(r=2, lora_alpha=6, target_modules=["projection", "value"], modules_to_save=["classifier"],
                        lora_bias=True)}
-    judge = _peft_family(tmp_path, base, loras, seed=60)
+    judge = peft_family(tmp_path, base, loras, seed=60)
     pixels = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     names = ["b", "__base__", "a"]
     with torch.no_grad():
