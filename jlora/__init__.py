@@ -14,6 +14,7 @@ from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, Ta
 from .layout import HfLayout, Layout, Rule
 from .load import load, place
 from .init import init
+from .kasa import kasa_loss
 from .merge import merge
 from .multi import add_weighted, select
 from .nnx_model import nnx_model
@@ -26,7 +27,7 @@ from .wrap import wrap
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
     "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "arrow",
-    "combine", "count_trainable", "init", "load", "merge", "nnx_model", "optimizer", "place", "replicate_layers",
-    "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "combine", "count_trainable", "init", "kasa_loss", "load", "merge", "nnx_model", "optimizer", "place",
+    "replicate_layers", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

@@ -31,7 +31,6 @@ UNSUPPORTED_WHEN_SET = {
     "use_qalora": "QA-LoRA",
     "arrow_config": "an Arrow router adapter: load the task adapters together and route them with jlora.arrow",
     "megatron_config": "Megatron parallel layers",
-    "kasa_config": "KaSA",
 }
 
 
@@ -286,6 +285,7 @@ def _validate(cfg: LoraConfig) -> list[str]:
     elif at and cfg.use_dora:
         p.append("alora_invocation_tokens with use_dora: PEFT has no such variant combination")
     p.extend(_bdlora_problems(cfg))
+    p.extend(_kasa_problems(cfg))
     lr = cfg.layer_replication
     if lr is not None and not (isinstance(lr, list) and all(
             isinstance(pair, list) and len(pair) == 2 and all(_is_int(i) for i in pair) and 0 <= pair[0] < pair[1]
@@ -338,6 +338,21 @@ def _bdlora_problems(cfg: LoraConfig) -> list[str]:
     if others:
         p.append(f"use_bdlora with {', '.join(others)}: PEFT has no such variant combination")
     return p
+
+
+def _kasa_problems(cfg: LoraConfig) -> list[str]:
+    """What is wrong with ``kasa_config`` (PEFT's KasaConfig, saved as a dict)."""
+    kasa = cfg.kasa_config
+    if kasa is None:
+        return []
+    if not isinstance(kasa, dict) or not all(k in ("beta", "gamma") and _is_number(v) for k, v in kasa.items()):
+        return [f"kasa_config must be an object of numbers beta and gamma, or null, found {kasa!r}"[:300]]
+    variants = (("use_dora", cfg.use_dora), ("alora_invocation_tokens", cfg.alora_invocation_tokens),
+                ("use_bdlora", cfg.use_bdlora), ("velora_config", cfg.velora_config),
+                ("monteclora_config", cfg.monteclora_config), ("fan_in_fan_out", cfg.fan_in_fan_out),
+                ("init_lora_weights='mica'", cfg.init_lora_weights == "mica"))
+    others = [name for name, on in variants if on]
+    return [f"kasa_config with {', '.join(others)}: PEFT has no such variant"] if others else []
 
 
 def _regex_problems(cfg: LoraConfig) -> list[str]:

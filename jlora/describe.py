@@ -148,7 +148,7 @@ def describe_adapter(
         "modules_to_save": cfg.modules_to_save, "trainable_token_indices": cfg.trainable_token_indices,
         "target_modules": cfg.target_modules, "target_parameters": cfg.target_parameters,
         "alora_invocation_tokens": cfg.alora_invocation_tokens, "use_bdlora": cfg.use_bdlora,
-        "layer_replication": cfg.layer_replication,
+        "layer_replication": cfg.layer_replication, "kasa_config": cfg.kasa_config,
         "modules": len(groups), "groups": out_groups,
         "layers": {"count": len(per_layer), "indices": ranges(list(per_layer)),
                    "coverage": [{"layers": ranges(idx), "modules": list(mods)} for mods, idx in coverage.items()]},
@@ -188,6 +188,8 @@ def format_description(info: dict[str, Any]) -> str:
         options.append(f"aLoRA (invocation tokens {info['alora_invocation_tokens']})")
     if info["use_bdlora"]:
         options.append(f"BD-LoRA ({info['use_bdlora'].get('nblocks', 1)} blocks)")
+    if info["kasa_config"] is not None:
+        options.append(f"KaSA {info['kasa_config']}")
     if info["layer_replication"]:
         options.append(f"layer_replication {info['layer_replication']} (jlora.replicate_layers)")
     if options:

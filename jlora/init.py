@@ -171,6 +171,8 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
             if config.use_dora:
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude(
                     placement, weight, a, b, module_scale(config, name))
+            if config.kasa_config:  # KaSA: its singular values start normal (B is zero, so the update is too)
+                tensors[f"{PREFIX}{name}.lora_diag"] = np.asarray(jax.random.normal(jax.random.fold_in(k, 2), (r,)))
             if config.lora_bias:  # (on a module without a bias too, as PEFT: it then runs unmerged only)
                 tensors[f"{PREFIX}{name}.lora_B.bias"] = np.zeros(out_total, np.float32)
         trained_bias = config.bias == "all" or (config.bias == "lora_only" and is_targeted(config, name))

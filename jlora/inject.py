@@ -21,13 +21,15 @@ from .errors import AdapterError, UnsupportedAdapterError
 from .layout import Layout
 from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
-from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
-                   AdaptedModule, FactorSource, ModuleSpec, get_path, set_paths)
+from .kasa import dropped_components
+from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
+                   TOKEN_DELTA, VARIANT_EXTRA, AdaptedModule, FactorSource, ModuleSpec, get_path, set_paths)
 
 # PEFT role -> (jlora child key, PEFT key suffix), per kind
 _SUFFIXES = {
     "linear": {"lora_A": (LORA_A, "lora_A.weight"), "lora_B": (LORA_B, "lora_B.weight"),
-               "magnitude": (MAGNITUDE, "lora_magnitude_vector"), "lora_bias": (LORA_BIAS, "lora_B.bias")},
+               "magnitude": (MAGNITUDE, "lora_magnitude_vector"), "lora_bias": (LORA_BIAS, "lora_B.bias"),
+               "lora_diag": (LORA_DIAG, "lora_diag")},
     "embedding": {"lora_A": (LORA_A, "lora_embedding_A"), "lora_B": (LORA_B, "lora_embedding_B"),
                   "magnitude": (MAGNITUDE, "lora_magnitude_vector")},
 }
@@ -58,6 +60,8 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple,
         for role, child in (("magnitude", MAGNITUDE), ("lora_bias", LORA_BIAS)):
             if role in t.tensors.roles:
                 children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
+        if "lora_diag" in t.tensors.roles:  # KaSA (simple Linear modules only: see build_targets)
+            children[LORA_DIAG] = _pad(np.asarray(tensors[t.tensors.roles["lora_diag"]]), 0, pad_rank)
         keys = tuple(sorted(_SUFFIXES[kind][r] for r in t.tensors.roles if r in _SUFFIXES[kind]))
         source = FactorSource(t.parameter or t.name, a_list[0].shape[-1], 0, t.placement, keys)
         return children, [source]
@@ -117,10 +121,11 @@ def _checked_pad_rank(targets: list[Target], tensors, pad_rank: int | None) -> i
     if isinstance(pad_rank, bool) or not isinstance(pad_rank, (int, np.integer)) or pad_rank < 1:
         raise AdapterError(f"pad_rank must be a positive int, found {pad_rank!r}")
     pad_rank = int(pad_rank)
-    blocked = [t.name for t in targets if t.placement.a_blocks > 1 or t.placement.b_blocks > 1]
+    blocked = [t.name for t in targets if t.placement.a_blocks > 1 or t.placement.b_blocks > 1
+               or "lora_diag" in t.tensors.roles]
     if blocked:  # (its blocks of rank rows would move; rank-dependent layouts must not share a program)
-        raise UnsupportedAdapterError("pad_rank: block-diagonal factors (LoRA on grouped convolutions, BD-LoRA) are "
-                                      "not supported", blocked)
+        raise UnsupportedAdapterError("pad_rank: block-diagonal factors (LoRA on grouped convolutions, BD-LoRA) and "
+                                      "KaSA are not supported", blocked)
     too_wide = [f"{t.name}: rank {tensors[t.tensors.roles['lora_A']].shape[0]}" for t in targets
                 if "lora_A" in t.tensors.roles and tensors[t.tensors.roles["lora_A"]].shape[0] > pad_rank]
     if too_wide:
@@ -171,6 +176,11 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                                                             value.ndim))
             frozen = {RANK_SCALE} if config.trains_lora_b else {RANK_SCALE, LORA_B, LORA_BIAS}  # (MiCA: all of lora_B)
             trainable += [k for k in factors if k not in frozen]
+            if LORA_DIAG in factors:  # KaSA: the base weight's dropped components, frozen beside the base
+                dropped = dropped_components(kernel, first.in_ndim, first.kernel_perm, sources[0].rank)
+                for child, value, role in zip((KASA_DOWN, KASA_UP), dropped, ("lora_A", "lora_B")):
+                    children[child] = placer.put(value, np.float32, path=path + (child,), base=kernel, checked=True,
+                                                 axes=lora_axes(role, first.in_ndim, first.kernel_perm))
         for t in group:
             for extra, key in t.tensors.extras.items():  # (only with LoRA factors: see build_targets)
                 child, host = VARIANT_EXTRA + extra, np.asarray(tensors[key])

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import AdapterError, UnsupportedAdapterError
-from .tree import (BASE_TABLE, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, AdaptedModule, ModuleSpec,
-                   is_adapted, keyed)
+from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
+                   TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted, keyed)
 
 
 def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:
     """``lora_A`` in float32 with the ``lora_scale`` (a scalar, or per rank column) folded in."""
-    return children[LORA_A].astype(jnp.float32) * children[RANK_SCALE]
+    a = children[LORA_A].astype(jnp.float32) * children[RANK_SCALE]
+    return a * children[LORA_DIAG].astype(jnp.float32) if LORA_DIAG in children else a  # (KaSA's singular values)
 
 
 def _block_mask(spec: ModuleSpec, shape: tuple[int, ...], factor: str) -> np.ndarray | None:
@@ -212,6 +213,8 @@ def merged_module(node: AdaptedModule) -> dict[str, Any] | jax.Array:
         factors, in_axes = _layer_first(dict(node), spec), tuple(range(1, spec.in_ndim + 1))
         delta = jax.vmap(one_layer)(scaled_a(factors), factors[LORA_B])
     delta = _as_peft_rounds(delta, node[LORA_A].dtype)
+    if KASA_DOWN in node:  # KaSA: the base weight without its dropped components (unstacked kernels only)
+        delta = delta + factor_delta(node[KASA_DOWN], node[KASA_UP])
     merged = weight + delta
     if spec.dora:
         factor = dora_factor(weight, delta, factors[MAGNITUDE], in_axes)

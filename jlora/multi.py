@@ -32,7 +32,7 @@ from .errors import AdapterError, UnsupportedAdapterError
 from .placement import replicated_like
 from .merge import has_blocks
 from .targeting import module_scale
-from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
+from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
                    AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path, is_adapter_key, set_paths)
 
 
@@ -63,6 +63,7 @@ def _check_single(node: AdaptedModule, name: str, base: Mapping, head_tied: bool
         node and (spec.token_head or head_tied and _task_type(spec) not in _TASKS_WITHOUT_LM_HEAD),
         "the tensors of a LoRA variant (VeLoRA, MonteCLoRA)": any(k.startswith(VARIANT_EXTRA) for k in node),
         "LoRA on a parameter (target_parameters: PEFT's mixed batches refuse it too)": spec.wrapper,
+        "KaSA (its base truncation is its own: PEFT refuses KaSA beside other adapters)": LORA_DIAG in node,
     }
     problems = [what for what, bad in unsupported.items() if bad]
     if problems:

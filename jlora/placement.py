@@ -69,6 +69,8 @@ def lora_axes(role: str, in_ndim: int, kernel_perm: tuple[int, ...], layer_axis:
         axes = (None,) + outs
     elif role == "lora_scale":  # a scalar, or per rank column
         axes = () if ndim == 0 else (None,) * (in_ndim + 1)
+    elif role == "lora_diag":  # KaSA's singular values, one per rank column
+        axes = (None,)
     else:
         axes = outs  # DoRA magnitude, lora_bias
     if layer_axis is not None:

@@ -32,8 +32,8 @@ from .layout import HfLayout, Layout
 from .param_targets import wrapper_tensors
 from .spec import PREFIX
 from .targeting import module_scale
-from .tree import (LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource, ModuleSpec,
-                   adapted_modules)
+from .tree import (LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource,
+                   ModuleSpec, adapted_modules)
 
 
 def _stub(x: Any) -> np.ndarray:
@@ -51,7 +51,7 @@ def _to_host(x: Any) -> np.ndarray:
 def _source_values(node: AdaptedModule, source: FactorSource, fetch: Callable) -> dict[str, np.ndarray]:
     """PEFT's tensors (torch layout) for one source of an adapted kernel, by child key (``lora_A``, ...)."""
     spec, pl = node.spec, source.placement
-    children = {k: fetch(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS) if k in node}
+    children = {k: fetch(node[k]) for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, LORA_DIAG) if k in node}
     if spec.layer_axis is not None:
         children = {k: np.take(v, pl.layer, axis=min(spec.layer_axis, v.ndim - 1)) for k, v in children.items()}
     cols = slice(source.offset, source.offset + source.rank)
@@ -77,6 +77,8 @@ def _source_values(node: AdaptedModule, source: FactorSource, fetch: Callable) -
         if child in children:
             v = children[child] if out_axis is None else np.take(children[child], pl.part, axis=out_axis)
             values[child] = pl.magnitude_to_torch(v) if child == MAGNITUDE else pl.out_to_torch(v)
+    if LORA_DIAG in children:  # KaSA's singular values, one per rank column
+        values[LORA_DIAG] = np.ascontiguousarray(children[LORA_DIAG][cols])
     return values
 
 

@@ -28,11 +28,13 @@ import numpy as np
 
 from .alora import token_mask
 from .arrow import arrow_delta
+from .kasa import truncated_output
 from .fused_matmul import block_sizes, lora_matmul
 from .merge import (adapters_masked, dora_factor, factor_delta, is_grouped, part_masked_a, part_masked_b,
                     scaled_a, to_canonical)
 from .errors import AdapterError
-from .tree import BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE, TOKEN_DELTA, ModuleSpec
+from .tree import (BY_ADAPTER, KASA_DOWN, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE, TOKEN_DELTA,
+                   ModuleSpec)
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
@@ -77,10 +79,11 @@ def _unstacked(spec: ModuleSpec, entries: dict) -> ModuleSpec:
 
 
 def _scale_columns(xa: jax.Array, entries: dict) -> jax.Array:
-    """Apply a per-rank-column ``lora_scale`` (stacked or fused kernels) to ``x @ A``. A scalar scale is
-    applied by :func:`_finish` instead, inside the elementwise add (one kernel fewer per module)."""
+    """Apply a per-rank-column ``lora_scale`` (stacked or fused kernels) and KaSA's singular values to ``x @ A``. A
+    scalar scale is applied by :func:`_finish` instead, inside the elementwise add (one kernel fewer per module)."""
     scale = entries[RANK_SCALE]
-    return xa if scale.ndim == 0 else xa * scale.reshape(-1).astype(xa.dtype)
+    xa = xa if scale.ndim == 0 else xa * scale.reshape(-1).astype(xa.dtype)
+    return xa * entries[LORA_DIAG].astype(xa.dtype) if LORA_DIAG in entries else xa
 
 
 def _dropped_base(module: nn.Module, spec: ModuleSpec, entries: dict, ctx: CallContext, x: jax.Array,
@@ -121,6 +124,13 @@ def _finish(module: nn.Module, y: jax.Array, lora: jax.Array, entries: dict, spe
         bias = module.get_variable("params", "bias") if spec.kind == "linear" else None
         base = y if bias is None else y - bias
     return (y + (factor - 1) * base + factor * scale * lora).astype(y.dtype)
+
+
+def _dense_only(entries: dict) -> None:
+    """KaSA's base correction is added by :func:`dense_side` only: elsewhere raise, and the module is merged in the
+    call instead (see jlora.wrap), where the correction is part of the merged kernel."""
+    if KASA_DOWN in entries:
+        raise ValueError("KaSA runs unmerged on Dense / Linear layers only")
 
 
 def _a(entries: dict, spec: ModuleSpec) -> jax.Array:
@@ -194,6 +204,7 @@ def _example_adapters(entries: dict, ctx: CallContext, spec: ModuleSpec) -> tupl
 
 
 def dense_side(module, args, kwargs, y, entries, spec, ctx):
+    y = truncated_output(y, _input(args, kwargs), entries)  # (KaSA: the base weight's dropped components)
     x = ctx.lora_input(_input(args, kwargs), entries)
     lora = _contract(x, entries, (x.ndim - 1,), ctx, spec)
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x), ctx)
@@ -203,7 +214,7 @@ def _fits_fused(entries: dict, spec: ModuleSpec, ctx: CallContext) -> bool:
     """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul`: one plain LoRA (no several
     adapters, DoRA, ``lora_bias`` or dropout) on a 2-D kernel (a stacked one sliced to its layer)."""
     return not (spec.adapters or ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries
-                or spec.activated or entries[LORA_A].ndim != 2)
+                or LORA_DIAG in entries or spec.activated or entries[LORA_A].ndim != 2)
 
 
 def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict,
@@ -252,6 +263,7 @@ def fused_nnx_linear(module: nnx.Linear, args, kwargs, entries, spec, ctx) -> ja
 
 
 def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
+    _dense_only(entries)
     x = ctx.lora_input(_input(args, kwargs), entries)
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
@@ -260,6 +272,7 @@ def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
 
 
 def einsum_side(module, args, kwargs, y, entries, spec, ctx):
+    _dense_only(entries)
     x = ctx.lora_input(_input(args, kwargs), entries)
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
     spec_str = (einsum_str or module.einsum_str).replace(" ", "")
@@ -288,6 +301,7 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
 
 
 def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings
+    _dense_only(entries)
     ids = _input(args, kwargs)
     if INPUT_TABLE in entries:  # a replaced table (modules_to_save) whose tied output head keeps the base one
         return jnp.take(entries[INPUT_TABLE].astype(y.dtype), ids, axis=0)
@@ -302,6 +316,7 @@ def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout
 
 
 def conv_side(module, args, kwargs, y, entries, spec, ctx):
+    _dense_only(entries)
     x = ctx.lora_input(_input(args, kwargs), entries)
     a = entries[LORA_A]
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype, param_dtype=a.dtype,

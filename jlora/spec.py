@@ -32,6 +32,7 @@ _ROLES = (
     (".lora_magnitude_vector", "magnitude"),
     (".lora_magnitude_vector.weight", "magnitude"),
     (".token_adapter.trainable_tokens_delta", "token_delta"),
+    (".lora_diag", "lora_diag"),
 )
 # tensors of LoRA variants whose forward at inference is plain LoRA: PEFT key part -> (the config field that enables
 # the variant, its name)
@@ -244,6 +245,16 @@ def build_targets(config: LoraConfig, tensors: Mapping[str, np.ndarray], layout:
                 target.placement = placement
                 if b_blocks > 1 and b[1:2] == (rank // b_blocks,):
                     b = (b[0], rank, *b[2:])  # (checked as its block-diagonal (out, r) below)
+            if "lora_diag" in roles or config.kasa_config:
+                in_total = int(np.prod(placement.in_sizes))
+                if not config.kasa_config or "lora_diag" not in roles:
+                    problems.append(f"{name}: KaSA's lora_diag and kasa_config come together (one is missing)")
+                elif emb or placement.b_tail or parameter or placement.stacked or placement.fused:
+                    problems.append(f"{name}: KaSA on an embedding, a convolution or a parameter (PEFT's KaSA adapts "
+                                    "Linear layers only), or on a stacked or fused kernel (not supported)")
+                elif shape(roles["lora_diag"]) != (rank,) or not rank < min(in_total, out_total):
+                    problems.append(f"{roles['lora_diag']}: shape {list(shape(roles['lora_diag']))} for rank {rank} "
+                                    f"(KaSA needs r < min(in, out) = {min(in_total, out_total)})")
             if a[:1] != (rank,) or b[1:2] != (rank,):
                 problems.append(f"{name}: rank {a[0] if a else None} (lora_A {list(a)}, lora_B {list(b)}) but "
                                 f"the config gives rank {rank}")

@@ -28,7 +28,14 @@ RANK_SCALE = "lora_scale"
 BASE_TABLE = "base_table"
 # Arrow routing (jlora.arrow): each task adapter's prototype, the top right singular vector of its B @ A (E, in)
 ARROW_PROTOTYPES = "arrow_prototypes"
-ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE, ARROW_PROTOTYPES)
+# KaSA (PEFT's kasa_config): the trainable singular values between A and B (r,), and the base weight's r smallest
+# singular components, which KaSA drops: frozen, as ``x @ kasa_down @ kasa_up`` ((in, r) and (r, out)) added to the
+# base output, so the base arrays stay as they are
+LORA_DIAG = "lora_diag"
+KASA_DOWN = "kasa_down"
+KASA_UP = "kasa_up"
+ADAPTER_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, TOKEN_DELTA, RANK_SCALE, BASE_TABLE, ARROW_PROTOTYPES, LORA_DIAG,
+                KASA_DOWN, KASA_UP)
 # several adapters that replace a module's tensors (modules_to_save, trainable tokens): ``by_adapter_<key>``
 # holds every adapter's value of the module's ``<key>`` along a leading adapter axis (base values for an adapter
 # that leaves it alone), and ``by_adapter_token_delta`` their trainable-token rows

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from .merge import merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
 from .side_paths import INPUT_TABLE, CallContext, fused_dense, side_for
-from .tree import (ARROW_PROTOTYPES, BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, MAGNITUDE, RANK_SCALE,
-                   AdaptedModule, ModuleSpec, is_adapted, keyed)
+from .tree import (ARROW_PROTOTYPES, BASE_TABLE, BY_ADAPTER, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG,
+                   MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted, keyed)
 
 SITE_PREFIX = "__jlora_site_"
 # a stacked kernel's layer numbers, shaped to be sliced with it by a scan (per-layer dropout masks)
@@ -39,7 +39,8 @@ def side_entries(node: AdaptedModule) -> dict[str, jax.Array]:
         return {k: v for k, v in node.items() if k.startswith(BY_ADAPTER)}
     if BASE_TABLE in node:
         return {INPUT_TABLE: node["embedding"]}
-    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE, ARROW_PROTOTYPES) if k in node}
+    entries = {k: node[k] for k in (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE, ARROW_PROTOTYPES, LORA_DIAG,
+                                    KASA_DOWN, KASA_UP) if k in node}
     spec = node.spec
     if spec.layer_axis is not None and spec.dropout > 0:  # sliced with the kernel: each layer's own dropout mask
         layers = node[spec.kernel_key].shape[spec.layer_axis]

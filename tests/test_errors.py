@@ -82,10 +82,10 @@ def test_base_rewriting_inits_refused(params, tmp_path, init):
 
 
 def test_unsupported_features_refused(params, tmp_path):
-    cfg = base_config(kasa_config={"beta": 1e-4, "gamma": 1e-3}, use_qalora=True)
+    cfg = base_config(megatron_config={"tensor_model_parallel_size": 2}, use_qalora=True)
     with pytest.raises(jlora.UnsupportedAdapterError) as err:
         jlora.load(params, write_adapter(tmp_path / "a", config=cfg))
-    assert "kasa_config" in str(err.value) and "use_qalora" in str(err.value)
+    assert "megatron_config" in str(err.value) and "use_qalora" in str(err.value)
 
 
 def test_unknown_fields_warn_and_round_trip(params, tmp_path):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("block_diagonal.py", []),
     ("arrow_routing.py", []),
     ("layer_replication.py", []),
+    ("kasa.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):

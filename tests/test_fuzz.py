@@ -80,6 +80,7 @@ VALID = {  # plausible values
         "target_modules_bd_b": st.lists(module_names, max_size=2), "nblocks": st.integers(1, 4),
         "match_strict": st.booleans()}),
     "alora_invocation_tokens": st.none() | st.lists(st.integers(0, 80), max_size=3),
+    "kasa_config": st.none() | st.just({"beta": 1e-4, "gamma": 1e-3}),
     "use_qalora": st.just(False), "future_field": json_values,
 }
 JUNK = {  # wrong types, out-of-range or absurd values, bad regular expressions
@@ -97,7 +98,8 @@ JUNK = {  # wrong types, out-of-range or absurd values, bad regular expressions
     "init_lora_weights": st.sampled_from(["pissa", "olora_x", "nope"]) | json_values,
     "peft_type": st.sampled_from(["IA3", "lora", ""]) | json_values, "fan_in_fan_out": json_values,
     "inference_mode": json_values, "layer_replication": json_values, "use_qalora": json_values,
-    "use_bdlora": json_values, "alora_invocation_tokens": json_values, "future_field": json_values,
+    "use_bdlora": json_values, "alora_invocation_tokens": json_values, "kasa_config": json_values,
+    "future_field": json_values,
 }
 # half the configs are plausible through and through, half have some junk fields
 config_dicts = st.fixed_dictionaries({}, optional=VALID) | st.fixed_dictionaries(
