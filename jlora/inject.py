@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
@@ -150,6 +151,8 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
     for t in targets:  # (a LoRA on a parameter replaces the parameter's leaf: its node is a module of one array)
         by_module[t.placement.path + ((t.placement.kernel_key,) if t.wrapper else ())].append(t)
     updates = {}
+    kasa = sum("lora_diag" in t.tensors.roles for t in targets)  # (one SVD of a kernel each: seconds on big ones)
+    svd_bar = tqdm(total=kasa, desc="jlora: KaSA, SVD of the base kernels", unit="kernel", disable=kasa < 16)
     for path, group in by_module.items():
         module = {path[-1]: get_path(params, path)} if group[0].wrapper else get_path(params, path)
         children = dict(module)
@@ -181,6 +184,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
                 for child, value, role in zip((KASA_DOWN, KASA_UP), dropped, ("lora_A", "lora_B")):
                     children[child] = placer.put(value, np.float32, path=path + (child,), base=kernel, checked=True,
                                                  axes=lora_axes(role, first.in_ndim, first.kernel_perm))
+                svd_bar.update()
         for t in group:
             for extra, key in t.tensors.extras.items():  # (only with LoRA factors: see build_targets)
                 child, host = VARIANT_EXTRA + extra, np.asarray(tensors[key])
@@ -227,6 +231,7 @@ def inject(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
             activated=bool(lora) and bool(config.alora_invocation_tokens),
         )
         updates[path] = AdaptedModule(children, spec)
+    svd_bar.close()
     placer.finish()
     updates = {path: AdaptedModule({k: placer.resolve(v) for k, v in node.items()}, node.spec)
                for path, node in updates.items()}
