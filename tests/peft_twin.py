@@ -111,6 +111,16 @@ def assert_saves_back(lora_params, adapter_dir: Path, out_dir: Path) -> None:
 
 
 
+def assert_runs_merges_and_saves_like_peft(twin: Twin, lora_params, out_dir: Path, tol: float = 1e-5) -> None:
+    """The wrapped (unmerged) logits equal PEFT's, the merged tree's equal PEFT's ``merge_and_unload``, and
+    ``jlora.save`` writes the adapter's file again (:func:`assert_saves_back`)."""
+    assert rel_err(flax_logits_wrapped(twin, lora_params), torch_logits(twin.peft_model, twin.inputs)) <= tol
+    merged_judge = copy.deepcopy(twin.peft_model).merge_and_unload()
+    merged = twin.flax_model(**twin.inputs, params=jlora.merge(lora_params)).logits
+    assert rel_err(merged, torch_logits(merged_judge, twin.inputs)) <= tol
+    assert_saves_back(lora_params, twin.adapter_dir, out_dir)
+
+
 def saved_pair(torch_cls, flax_cls, config, folder: Path, seed: int = 0):
     """A random torch model (eval) and its Flax twin read from the torch weights saved in ``folder``."""
     torch.manual_seed(seed)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import jlora
-from peft_twin import assert_saves_back, build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
+from peft_twin import (assert_runs_merges_and_saves_like_peft, build_twin, flax_logits_wrapped, peft_loads_cleanly,
+                       rel_err, torch_logits)
 from test_parity_models import llama
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
@@ -31,12 +32,7 @@ def test_logits_merge_and_save_match_peft(twin, tmp_path):
     q = lp["model"]["layers"]["0"]["self_attn"]["q_proj"]
     assert q["kernel"] is twin.flax_model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert q["lora_diag"].shape == (4,) and q["kasa_down"].shape == (32, 4) and q["kasa_up"].shape == (4, 32)
-    want = torch_logits(twin.peft_model, twin.inputs)
-    assert rel_err(flax_logits_wrapped(twin, lp), want) <= 1e-5
-    merged_judge = copy.deepcopy(twin.peft_model).merge_and_unload()
-    merged = twin.flax_model(**twin.inputs, params=jlora.merge(lp)).logits
-    assert rel_err(merged, torch_logits(merged_judge, twin.inputs)) <= 1e-5
-    assert_saves_back(lp, twin.adapter_dir, tmp_path / "saved")
+    assert_runs_merges_and_saves_like_peft(twin, lp, tmp_path / "saved")
 
 
 def test_gradients_and_regularizer_match_peft(twin):

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import peft
 import pytest
-import torch
 
 import jlora
 from peft_twin import assert_saves_back, perturb_trainable, peft_loads_cleanly, rel_err, saved_pair, torch_logits
