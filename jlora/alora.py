@@ -53,7 +53,7 @@ def _adapter_tokens(lora_params: Any) -> list[list[int] | None]:
     tokens: dict[str, list[int] | None] = {}
     for _, node in adapted_modules(lora_params):
         for name, own, _ in node.spec.adapters:
-            if own is not None and (tokens.get(name) is None):
+            if own is not None and tokens.get(name) is None:
                 tokens[name] = json.loads(own.config_json).get("alora_invocation_tokens") if own.activated else None
             tokens.setdefault(name, None)
     return list(tokens.values())

@@ -62,7 +62,7 @@ def _factors(targets: list[Target], tensors, kernel_shape: tuple,
             if role in t.tensors.roles:
                 children[child] = first.out_to_canonical(np.asarray(tensors[t.tensors.roles[role]]))
         if "lora_diag" in t.tensors.roles:  # KaSA (simple Linear modules only: see build_targets)
-            children[LORA_DIAG] = _pad(np.asarray(tensors[t.tensors.roles["lora_diag"]]), 0, pad_rank)
+            children[LORA_DIAG] = np.asarray(tensors[t.tensors.roles["lora_diag"]])  # (pad_rank refuses KaSA)
         keys = tuple(sorted(_SUFFIXES[kind][r] for r in t.tensors.roles if r in _SUFFIXES[kind]))
         source = FactorSource(t.parameter or t.name, a_list[0].shape[-1], 0, t.placement, keys)
         return children, [source]
