@@ -416,6 +416,11 @@ class Layout:
             hint = (f" (this {self.tree_name} model ties its output head to the input embedding, so it has no "
                     "separate lm_head leaf; PEFT's lm_head adapter cannot be placed. Untie the head, "
                     "or drop lm_head from the adapter)")
+        wanted = self.module_name(name).replace(".", "/")
+        same = next((m for p, m in iter_modules(self.params) if "/".join(map(str, p)) == wanted), None)
+        if same is not None:  # (e.g. a weight-normalised conv: weight_g / weight_v, no kernel)
+            return (f"module {name!r}: the {self.tree_name} module {wanted!r} holds no leaf this layout adapts "
+                    f"(its leaves: {sorted(map(str, same))}){hint}")
         close = self.closest(name)
         near = f"; closest {self.tree_name} paths: {close}" if close else ""
         return f"module {name!r} has no place in the {self.tree_name} tree (layout {self.name!r}){hint}{near}"

@@ -180,6 +180,27 @@ def test_tied_lm_head_explained(tmp_path):
                                               tensors=tensors))
 
 
+def test_module_without_an_adaptable_leaf_explained(tmp_path):
+    """Wav2Vec2's positional conv is weight-normalised (weight_g, weight_v: no kernel); the error says so."""
+    import transformers as tf
+
+    cfg = tf.Wav2Vec2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, conv_dim=(16,), conv_stride=(5,), conv_kernel=(10,),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
+                            feat_extract_norm="layer")
+    model = tf.FlaxWav2Vec2ForCTC(cfg)
+    rng = np.random.default_rng(0)
+    name = f"{PREFIX}wav2vec2.encoder.pos_conv_embed.conv"
+    tensors = {f"{name}.lora_A.weight": rng.standard_normal((4, 8, 16)).astype(np.float32),
+               f"{name}.lora_B.weight": rng.standard_normal((32, 4, 1)).astype(np.float32)}
+    with pytest.raises(jlora.TargetMismatchError) as err:
+        jlora.load(model.params, write_adapter(tmp_path / "a", config=base_config(target_modules=["conv"]),
+                                               tensors=tensors))
+    (problem,) = err.value.problems
+    assert "'wav2vec2/encoder/pos_conv_embed/conv' holds no leaf" in problem
+    assert "['bias', 'weight_g', 'weight_v']" in problem and "closest" not in problem
+
+
 def test_params_not_a_tree(tmp_path):
     with pytest.raises(jlora.AdapterError, match="nested dict"):
         jlora.load([1, 2], write_adapter(tmp_path / "a"))
