@@ -11,8 +11,13 @@ base dtype's precision, not PEFT's float32 LoRA branch (see :func:`jlora.wrap`'s
 follow the number of rows. Lowered for another platform than a GPU, the same formula runs as plain XLA matmuls
 (``interpret=True`` runs the kernel in Pallas' interpreter instead: for tests, slow).
 
+:func:`lora_matmul_grouped` is the mixed-batch form (Punica's SGMV for equal segments): consecutive groups of rows
+(one example's tokens) each with their own adapter's ``A``, ``B`` and scale, gathered as ``(K, r)`` / ``(r, N)``
+slices per example; each row block reads its group's slices, so a mixed batch runs in one kernel too.
+
 Example:
     >>> y = lora_matmul(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)   # (M, N)
+    >>> y = lora_matmul_grouped(x, kernel, a_per_example, b_per_example, scale_per_example, rows_per_group=16)
 """
 from __future__ import annotations
 
@@ -28,11 +33,17 @@ from jax.experimental.pallas import triton as plgpu
 MIN_RANK = 16
 
 
-def block_sizes(m: int, n: int, k: int) -> tuple[int, int, int] | None:
+def block_sizes(m: int, n: int, k: int, group_rows: int | None = None) -> tuple[int, int, int] | None:
     """``(block_m, block_n, block_k)`` for an ``(m, k) @ (k, n)`` product, or None when the shape does not fit
-    the kernel (``n`` and ``k`` must be multiples of the blocks; rows may be ragged). Few rows: narrow column
-    blocks, so that enough programs run to fill the GPU."""
+    the kernel (``n`` and ``k`` must be multiples of the blocks; rows may be ragged, unless they come in groups of
+    ``group_rows``, which the row blocks must then divide). Few rows: narrow column blocks, so that enough programs
+    run to fill the GPU."""
     block_m = min(max(16, pl.next_power_of_2(m)), 64)
+    if group_rows is not None:
+        while block_m >= 16 and group_rows % block_m:
+            block_m //= 2
+        if block_m < 16:
+            return None
     block_n = 32 if m <= 16 else 64 if m <= 64 else 128
     block_k = 128 if m <= 64 else 64
     while block_n > 16 and n % block_n:
@@ -65,16 +76,42 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int
 
 
 def _pad_rank(a: jax.Array, b: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``a``, ``b`` and ``scale`` (as ``(1,)`` for one scale, else ``(r,)``) with the rank padded to a power of two
-    of at least ``MIN_RANK`` (ranks 16, 32, 64, ... need no padding: no extra kernels per call)."""
-    r = a.shape[1]
+    """``a`` (..., K, r), ``b`` (..., r, N) and ``scale`` (as (..., 1) for one scale, else (..., r)) with the rank
+    padded to a power of two of at least ``MIN_RANK`` (ranks 16, 32, 64, ... need no padding: no extra kernels)."""
+    lead, r = a.shape[:-2], a.shape[-1]
     width = max(MIN_RANK, pl.next_power_of_2(r))
-    scale = jnp.reshape(scale.astype(jnp.float32), (-1,))
+    scale = jnp.reshape(scale.astype(jnp.float32), (*lead, -1))
     if width == r:
         return a, b, scale
-    if scale.shape[0] == r:
-        scale = jnp.pad(scale, (0, width - r))
-    return jnp.pad(a, ((0, 0), (0, width - r))), jnp.pad(b, ((0, width - r), (0, 0))), scale
+    none = [(0, 0)] * len(lead)
+    if scale.shape[-1] == r:
+        scale = jnp.pad(scale, (*none, (0, width - r)))
+    return (jnp.pad(a, (*none, (0, 0), (0, width - r))), jnp.pad(b, (*none, (0, width - r), (0, 0))), scale)
+
+
+def _pallas_call(x, w, a, b, scale, blocks: tuple[int, int, int], per_group: int | None, interpret: bool):
+    """The kernel over an ``(M/block_m, N/block_n)`` grid. ``per_group``: row blocks per group, when ``a``, ``b`` and
+    ``scale`` have a leading group axis (row block ``i`` reads group ``i // per_group``'s slices)."""
+    (m, k), n, r = x.shape, w.shape[1], a.shape[-1]
+    block_m, block_n, block_k = blocks
+    if per_group is None:
+        factor_specs = [pl.BlockSpec((k, r), lambda i, j: (0, 0)), pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
+                        pl.BlockSpec(scale.shape, lambda i, j: (0,))]
+    else:
+        factor_specs = [pl.BlockSpec((None, k, r), lambda i, j: (i // per_group, 0, 0)),
+                        pl.BlockSpec((None, r, block_n), lambda i, j: (i // per_group, 0, j)),
+                        pl.BlockSpec((None, scale.shape[-1]), lambda i, j: (i // per_group, 0))]
+    return pl.pallas_call(
+        functools.partial(_kernel, rows=m, block_k=block_k),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(pl.cdiv(m, block_m), n // block_n),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
+                  *factor_specs],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
+        name="jlora_lora_matmul",
+    )(x, w, a, b, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -94,29 +131,37 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     blocks = block_sizes(m, n, k)
     if blocks is None:
         raise ValueError(f"lora_matmul: ({m}, {k}) @ ({k}, {n}) does not fit the kernel's blocks")
-    block_m, block_n, block_k = blocks
     a, b, scale = _pad_rank(a, b, scale)
-    r = a.shape[1]
-
-    def kernel(*operands, interpret: bool = False):
-        return pl.pallas_call(
-            functools.partial(_kernel, rows=m, block_k=block_k),
-            out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-            grid=(pl.cdiv(m, block_m), n // block_n),
-            in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-                      pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-                      pl.BlockSpec((k, r), lambda i, j: (0, 0)),
-                      pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
-                      pl.BlockSpec(scale.shape, lambda i, j: (0,))],
-            out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-            interpret=interpret,
-            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the Triton backend
-            name="jlora_lora_matmul",
-        )(*operands)
-
+    kernel = functools.partial(_pallas_call, blocks=blocks, per_group=None)
     if interpret:
         return kernel(x, w, a, b, scale, interpret=True)
-    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=kernel, rocm=kernel, default=_plain)
+    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=functools.partial(kernel, interpret=False),
+                                      rocm=functools.partial(kernel, interpret=False), default=_plain)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def lora_matmul_grouped(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+                        rows_per_group: int, interpret: bool = False) -> jax.Array:
+    """:func:`lora_matmul` with an adapter per group of ``rows_per_group`` consecutive rows (a mixed batch's
+    examples): ``x`` ``(G * rows_per_group, K)``, ``a`` ``(G, K, r)``, ``b`` ``(G, r, N)``, ``scale`` ``(G,)`` or one
+    per rank column ``(G, r)`` (zero: the base model only). The row blocks must divide the groups
+    (:func:`block_sizes` with ``group_rows``). Differentiable: the backward pass is plain XLA.
+
+    Example:
+        >>> lora_matmul_grouped(x, w, a[ids], b[ids], scale[ids], rows_per_group=16).shape
+        (128, 4096)
+    """
+    (m, k), n = x.shape, w.shape[1]
+    blocks = block_sizes(m, n, k, group_rows=rows_per_group)
+    if blocks is None or m != a.shape[0] * rows_per_group:
+        raise ValueError(f"lora_matmul_grouped: ({m}, {k}) @ ({k}, {n}) in {a.shape[0]} groups of {rows_per_group} "
+                         "rows does not fit the kernel's blocks")
+    a, b, scale = _pad_rank(a, b, scale)
+    kernel = functools.partial(_pallas_call, blocks=blocks, per_group=rows_per_group // blocks[0])
+    if interpret:
+        return kernel(x, w, a, b, scale, interpret=True)
+    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=functools.partial(kernel, interpret=False),
+                                      rocm=functools.partial(kernel, interpret=False), default=_plain_grouped)
 
 
 def _plain(x, w, a, b, scale):
@@ -124,6 +169,29 @@ def _plain(x, w, a, b, scale):
     xa = (jnp.dot(x, a, preferred_element_type=jnp.float32) * scale).astype(b.dtype)
     y = jnp.dot(x, w, preferred_element_type=jnp.float32) + jnp.dot(xa, b, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def _plain_grouped(x, w, a, b, scale):
+    """:func:`_plain` per group of rows (``scale`` (G, 1) or (G, r) after :func:`_pad_rank`)."""
+    groups = x.reshape(a.shape[0], -1, x.shape[-1])
+    xa = jnp.einsum("gmk,gkr->gmr", groups, a, preferred_element_type=jnp.float32) * scale[:, None, :]
+    lora = jnp.einsum("gmr,grn->gmn", xa.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32) + lora.reshape(x.shape[0], -1)
+    return y.astype(x.dtype)
+
+
+def _grouped_forward(x, w, a, b, scale, rows_per_group, interpret):
+    return lora_matmul_grouped(x, w, a, b, scale, rows_per_group, interpret), (x, w, a, b, scale)
+
+
+def _grouped_backward(rows_per_group, interpret, saved, dy):
+    """The plain formula's gradients (the rank padding is the forward's own: taken again here, then dropped)."""
+    x, w, a, b, scale = saved
+    padded = lambda x, w, a, b, scale: _plain_grouped(x, w, *_pad_rank(a, b, scale))  # noqa: E731
+    return jax.vjp(padded, x, w, a, b, scale)[1](dy)
+
+
+lora_matmul_grouped.defvjp(_grouped_forward, _grouped_backward)
 
 
 def _forward(x, w, a, b, scale, interpret):

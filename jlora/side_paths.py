@@ -29,7 +29,7 @@ import numpy as np
 from .alora import token_mask
 from .arrow import arrow_delta
 from .kasa import truncated_output
-from .fused_matmul import block_sizes, lora_matmul
+from .fused_matmul import block_sizes, lora_matmul, lora_matmul_grouped
 from .merge import (adapters_masked, dora_factor, factor_delta, is_grouped, part_masked_a, part_masked_b,
                     scaled_a, to_canonical)
 from .errors import AdapterError
@@ -211,26 +211,34 @@ def dense_side(module, args, kwargs, y, entries, spec, ctx):
 
 
 def _fits_fused(entries: dict, spec: ModuleSpec, ctx: CallContext) -> bool:
-    """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul`: one plain LoRA (no several
-    adapters, DoRA, ``lora_bias`` or dropout) on a 2-D kernel (a stacked one sliced to its layer)."""
-    return not (spec.adapters or ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries
-                or LORA_DIAG in entries or spec.activated or entries[LORA_A].ndim != 2)
+    """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul` (or, one adapter per example,
+    :func:`~jlora.fused_matmul.lora_matmul_grouped`): plain LoRA (no DoRA, ``lora_bias``, dropout, KaSA, aLoRA or
+    Arrow routing) on a 2-D kernel (a stacked one sliced to its layer)."""
+    return not (ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries or LORA_DIAG in entries
+                or spec.activated or spec.arrow or entries[LORA_A].ndim != 2 + bool(spec.adapters))
 
 
-def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict,
-                  spec: ModuleSpec) -> jax.Array | None:
-    """``x @ kernel + bias`` (``x`` ``(..., in)``, dtypes already promoted) with the adapter added inside the
-    matmul's kernel, or None when the kernel's blocks do not divide the shape."""
+def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict, spec: ModuleSpec,
+                  ctx: CallContext) -> jax.Array | None:
+    """``x @ kernel + bias`` (``x`` ``(..., in)``, dtypes already promoted) with the adapter (or each example's:
+    mixed batches) added inside the matmul's kernel, or None when the kernel's blocks do not divide the shape."""
     lead, (n_in, n_out) = x.shape[:-1], kernel.shape
-    if block_sizes(math.prod(lead), n_out, n_in) is None:
+    group_rows = math.prod(lead[1:]) if spec.adapters else None  # (mixed batches: one example's tokens)
+    if not lead or block_sizes(math.prod(lead), n_out, n_in, group_rows) is None:
         return None
     if entries[LORA_A].dtype != x.dtype:
         warnings.warn(f"fused=True: an adapter in {entries[LORA_A].dtype} on modules computing in {x.dtype} is cast "
                       f"on every call (one more kernel each for A and B); load it with dtype=jnp.{x.dtype}",
                       stacklevel=2)
-    scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
-    y = lora_matmul(x.reshape(-1, n_in), kernel, _a(entries, spec).astype(x.dtype), _b(entries, spec).astype(x.dtype),
-                    scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
+    rows = x.reshape(-1, n_in)
+    if spec.adapters:  # each example's (in, r) and (r, out) slices, and its scales (zero for the base model)
+        idx, scale = _example_adapters(entries, ctx, spec)
+        a, b = (_by_example(entries, spec, key, idx).astype(x.dtype) for key in (LORA_A, LORA_B))
+        y = lora_matmul_grouped(rows, kernel, a, b, scale, group_rows, FUSED_IN_INTERPRETER)
+    else:
+        scale = entries[RANK_SCALE]  # (a stacked or fused kernel's: one per rank column)
+        y = lora_matmul(rows, kernel, _a(entries, spec).astype(x.dtype), _b(entries, spec).astype(x.dtype),
+                        scale if scale.ndim == 0 else scale.reshape(-1), FUSED_IN_INTERPRETER)
     y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
 
@@ -247,7 +255,7 @@ def fused_dense(module, args, kwargs, entries, spec, ctx) -> jax.Array | None:
     bias = module.get_variable("params", "bias") if module.use_bias else None
     promote = getattr(module, "promote_dtype", promote_dtype)
     x, kernel, bias = promote(_input(args, kwargs), kernel, bias, dtype=module.dtype)
-    return _fused_linear(x, kernel, bias, entries, spec)
+    return _fused_linear(x, kernel, bias, entries, spec, ctx)
 
 
 def fused_nnx_linear(module: nnx.Linear, args, kwargs, entries, spec, ctx) -> jax.Array | None:
@@ -259,7 +267,7 @@ def fused_nnx_linear(module: nnx.Linear, args, kwargs, entries, spec, ctx) -> ja
         return None
     bias = module.bias[...] if module.bias is not None else None
     x, kernel, bias = module.promote_dtype((_input(args, kwargs), module.kernel[...], bias), dtype=module.dtype)
-    return _fused_linear(x, kernel, bias, entries, spec)
+    return _fused_linear(x, kernel, bias, entries, spec, ctx)
 
 
 def dense_general_side(module, args, kwargs, y, entries, spec, ctx):

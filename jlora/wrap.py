@@ -152,9 +152,10 @@ def wrap(fn: Callable, *, fused: bool = False) -> Callable:
     aLoRA adapters (``alora_invocation_tokens``): pass ``alora_offsets=jlora.alora_offsets(lora_params, input_ids)``
     (computed once from the prompt, also for ``generate``); see :mod:`jlora.alora`.
 
-    ``fused=True`` (experimental, for GPUs): each plain ``nn.Dense`` with one adapter computes ``x@W`` and its
-    LoRA term in one Pallas kernel (:func:`jlora.fused_matmul.lora_matmul`) instead of three, in the module's
-    dtype with float32 accumulation (not PEFT's float32 LoRA branch and rounding); other modules run as usual.
+    ``fused=True`` (experimental, for GPUs): each plain ``nn.Dense`` computes ``x@W`` and its LoRA term in one
+    Pallas kernel (:func:`jlora.fused_matmul.lora_matmul`; mixed batches: ``lora_matmul_grouped``) instead of three,
+    in the module's dtype with float32 accumulation (not PEFT's float32 LoRA branch and rounding); other modules
+    run as usual.
     Lowered for another platform, the same formula runs as plain XLA matmuls.
 
     Example:

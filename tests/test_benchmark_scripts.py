@@ -21,7 +21,7 @@ def test_bench_gpu_tiny_runs_every_section_but_load(tmp_path):
     out = _run(["bench_gpu.py", "--tiny", "--sections", "inference,mixed batch,PEFT", "--out", str(tmp_path)], tmp_path)
     text = (tmp_path / "gpu_results-tiny.md").read_text()
     assert "failed" not in text, text
-    for heading in ("| T | base | wrap / base", "16 adapters mixed / base", "PEFT / torch base"):
+    for heading in ("| T | base | wrap / base", "16 adapters mixed / base", "mixed, fused / base", "PEFT / torch base"):
         assert heading in text, heading
     assert "Kernels per call" in out
 

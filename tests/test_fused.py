@@ -14,7 +14,7 @@ import pytest
 import jlora
 from adapter_files import tiny_llama, write_adapter
 from jlora import side_paths
-from jlora.fused_matmul import block_sizes, lora_matmul
+from jlora.fused_matmul import block_sizes, lora_matmul, lora_matmul_grouped
 from peft_twin import rel_err
 
 IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
@@ -72,10 +72,61 @@ def test_lora_matmul_lowers_to_a_triton_kernel(m, n):
     assert module.count("xla.gpu.triton") == 1 and "jlora_lora_matmul" in module
 
 
+@pytest.mark.parametrize("scale,dtype", [(np.array([0.5, 0.0, 2.0], np.float32), np.float32),
+                                         (np.array([[0.5, 1.0, -1.0], [0.0] * 3, [2.0, 2.0, 0.25]], np.float32),
+                                          np.float32),
+                                         (np.array([0.5, 0.0, 2.0], np.float32), ml_dtypes.bfloat16)],
+                         ids=["one scale per group", "per column", "bf16"])
+def test_lora_matmul_grouped_matches_the_formula(scale, dtype):
+    """Each group of rows (an example of a mixed batch) with its own A, B and scale; scale 0 = the base model."""
+    rng = np.random.default_rng(3)
+    groups, rows, k, n, r = 3, 32, 128, 64, 3
+    x, w = rng.standard_normal((groups * rows, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    a, b = rng.standard_normal((groups, k, r)).astype(dtype), rng.standard_normal((groups, r, n)).astype(dtype)
+    want = np.concatenate([_reference(x[g * rows:(g + 1) * rows], w, a[g], b[g], scale[g]) for g in range(groups)])
+    tolerance = 1e-6 if dtype == np.float32 else 2 ** -7
+    for interpret in (True, False):
+        got = lora_matmul_grouped(*map(jnp.asarray, (x, w, a, b, scale)), rows, interpret)
+        assert got.shape == (groups * rows, n) and got.dtype == np.dtype(dtype)
+        assert float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()) <= tolerance
+
+
+def test_lora_matmul_grouped_gradients_match_the_formula():
+    rng = np.random.default_rng(4)
+    groups, rows = 2, 16
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for s in ((groups * rows, 128), (128, 64), (groups, 128, 4), (groups, 4, 64), (groups,))]
+
+    def formula(x, w, a, b, s):
+        xa = jnp.einsum("gmk,gkr->gmr", x.reshape(groups, rows, -1), a) * s[:, None, None]
+        return x @ w + jnp.einsum("gmr,grn->gmn", xa, b).reshape(groups * rows, -1)
+
+    loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v)))  # noqa: E731
+    got = jax.grad(loss(lambda *v: lora_matmul_grouped(*v, rows, True)), argnums=range(5))(*args)
+    for g, h in zip(got, jax.grad(loss(formula), argnums=range(5))(*args), strict=True):
+        assert g.shape == h.shape and rel_err(g, h) <= 1e-5
+
+
+@pytest.mark.parametrize("tokens", [16, 256])
+def test_lora_matmul_grouped_lowers_to_a_triton_kernel(tokens):
+    """The mixed-batch form for 8 examples of ``tokens`` tokens, exported for CUDA as above: one Triton kernel."""
+    from jax import export
+
+    shapes = [((8 * tokens, 4096), jnp.bfloat16), ((4096, 4096), jnp.bfloat16), ((8, 4096, 16), jnp.bfloat16),
+              ((8, 16, 4096), jnp.bfloat16), ((8,), jnp.float32)]
+    exported = export.export(jax.jit(lambda *v: lora_matmul_grouped(*v, tokens, False)), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes))
+    assert exported.mlir_module().count("xla.gpu.triton") == 1
+
+
 def test_block_sizes_refuse_shapes_the_blocks_do_not_divide():
     assert block_sizes(1, 4096, 4096) == (16, 32, 128)
     assert block_sizes(1000, 4096, 11008) == (64, 128, 64)
     assert block_sizes(3, 24, 40) is None  # 24 columns: no block of 16 or more divides them
+    assert block_sizes(8 * 256, 4096, 4096, group_rows=256)[0] == 64
+    assert block_sizes(8 * 48, 4096, 4096, group_rows=48)[0] == 16  # row blocks stay inside one example
+    assert block_sizes(8 * 7, 4096, 4096, group_rows=7) is None  # 7 tokens per example: no row block of 16 divides
 
 
 def _pallas_calls(fn, *args, **kwargs) -> int:
@@ -136,8 +187,39 @@ def test_wrap_fused_in_scanned_layers(interpreted):
     assert _pallas_calls(fused, {"params": lp}, x) == 1  # (the scan's body)
 
 
+def test_wrap_fused_mixed_batch_equals_unfused(interpreted):
+    """A mixed batch (three adapters of other ranks and targets, and a base-model row), 16 tokens per example: every
+    adapted Dense runs as one grouped kernel; logits and gradients equal the side path's."""
+    model = tiny_llama()
+
+    def made(seed, r, targets):
+        config = jlora.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        return jlora.init(model.params, config, key=jax.random.key(seed))
+
+    mixed = jlora.multi.stack_adapters(model.params, {"a": made(1, 4, ["q_proj", "v_proj"]),
+                                                      "b": made(2, 2, ["v_proj", "down_proj"]),
+                                                      "c": made(3, 8, ["q_proj"])})
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 64, (4, 16)), jnp.int32)
+    which = jnp.array([2, -1, 0, 1])
+    fused = jlora.wrap(model.__call__, fused=True)
+    want = jax.jit(jlora.wrap(model.__call__))(ids, params=mixed, adapter_ids=which).logits
+    assert rel_err(jax.jit(fused)(ids, params=mixed, adapter_ids=which).logits, want) <= 1e-5
+    assert rel_err(want[1], model(ids[1:2], params=model.params).logits[0]) <= 1e-5  # (-1: the base model)
+    assert _pallas_calls(fused, ids, params=mixed, adapter_ids=which) == len(list(jlora.tree.adapted_modules(mixed)))
+
+    trainable, frozen = jlora.split(mixed)
+
+    def loss(t, wrapped):
+        return jnp.sum(jnp.tanh(wrapped(ids, params=jlora.combine(t, frozen), adapter_ids=which).logits))
+
+    for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, fused)),
+                    jax.tree_util.tree_leaves(jax.grad(loss)(trainable, jlora.wrap(model.__call__))), strict=True):
+        assert rel_err(g, h) <= 1e-5
+
+
 def test_wrap_fused_leaves_other_adapters_to_the_side_path(interpreted):
-    """DoRA and mixed batches do not fit the kernel: they run unfused, with the same results as without fused."""
+    """DoRA, and mixed batches whose examples' token counts no row block divides (7 here), do not fit the kernel:
+    they run unfused, with the same results as without fused."""
     model = tiny_llama()
 
     def made(seed, **config):
@@ -210,6 +292,24 @@ def test_nnx_model_fused_equals_unfused(stacked, interpreted):
     for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss)(trainable, True)),
                     jax.tree_util.tree_leaves(jax.grad(loss)(trainable, False)), strict=True):
         assert rel_err(g, h) <= 1e-5
+
+
+def test_nnx_model_fused_mixed_batch_equals_unfused(interpreted):
+    """nnx_model(fused=True, adapter_ids=...): the grouped kernel on nnx.Linear, equal to the side path."""
+    graphdef, state = _nnx_net()
+    layout = jlora.Layout([jlora.Rule(r"(?P<m>up|down)", "{m}/kernel", "o i -> i o")])
+
+    def made(seed, r, targets):
+        config = jlora.LoraConfig(r=r, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+        return jlora.init(state, config, key=jax.random.key(seed), layout=layout, module_names=targets)
+
+    mixed = jlora.multi.stack_adapters(state.to_pure_dict(), {"a": made(1, 4, ["up", "down"]), "b": made(2, 2, ["up"])})
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 16, 64)), jnp.float32)
+    which = jnp.array([1, -1, 0])
+    run = lambda fused: lambda p: jlora.nnx_model(graphdef, p, adapter_ids=which, fused=fused)(x)  # noqa: E731
+    want = jax.jit(run(False))(mixed)
+    assert rel_err(jax.jit(run(True))(mixed), want) <= 1e-5
+    assert _pallas_calls(run(True), mixed) == 2 and _pallas_calls(run(False), mixed) == 0
 
 
 def test_fused_warns_when_the_adapter_is_cast_every_call():
