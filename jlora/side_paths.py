@@ -213,9 +213,10 @@ def dense_side(module, args, kwargs, y, entries, spec, ctx):
 def _fits_fused(entries: dict, spec: ModuleSpec, ctx: CallContext) -> bool:
     """Whether an adapter can run inside :func:`~jlora.fused_matmul.lora_matmul` (or, one adapter per example,
     :func:`~jlora.fused_matmul.lora_matmul_grouped`): plain LoRA (no DoRA, ``lora_bias``, dropout, KaSA, aLoRA or
-    Arrow routing) on a 2-D kernel (a stacked one sliced to its layer)."""
-    return not (ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries or LORA_DIAG in entries
-                or spec.activated or spec.arrow or entries[LORA_A].ndim != 2 + bool(spec.adapters))
+    Arrow routing) on a 2-D kernel (a stacked one sliced to its layer); not several adapters' replaced tensors."""
+    return spec.has_lora and not (ctx.drop is not None or MAGNITUDE in entries or LORA_BIAS in entries
+                                  or LORA_DIAG in entries or spec.activated or spec.arrow
+                                  or entries[LORA_A].ndim != 2 + bool(spec.adapters))
 
 
 def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entries: dict, spec: ModuleSpec,
