@@ -220,6 +220,28 @@ def test_wrap_fused_mixed_batch_equals_unfused(interpreted):
         assert rel_err(g, h) <= 1e-5
 
 
+def test_generate_fused_with_mixed_adapters_equals_unfused(interpreted):
+    """Greedy generation with a KV cache, one adapter per row: the 16-token prompt runs in the grouped kernel, each
+    one-token step on the side path (no row block fits a single token); the tokens are the unfused run's."""
+    model = tiny_llama()
+
+    def made(seed, r):
+        config = jlora.LoraConfig(r=r, lora_alpha=4 * r, target_modules=["q_proj", "v_proj", "down_proj"],
+                                  init_lora_weights=False)
+        return jlora.init(model.params, config, key=jax.random.key(seed))
+
+    mixed = jlora.multi.stack_adapters(model.params, {"a": made(1, 4), "b": made(2, 8)})
+    prompt = jnp.asarray(np.random.default_rng(6).integers(0, 64, (3, 16)), jnp.int32)
+    kw = dict(adapter_ids=jnp.array([1, -1, 0]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = np.asarray(jlora.wrap(model.generate)(prompt, params=mixed, **kw).sequences)
+    got = np.asarray(jlora.wrap(model.generate, fused=True)(prompt, params=mixed, **kw).sequences)
+    np.testing.assert_array_equal(got, want)
+    base = np.asarray(model.generate(prompt, params=model.params, **{k: v for k, v in kw.items()
+                                                                     if k != "adapter_ids"}).sequences)
+    np.testing.assert_array_equal(want[1], base[1])
+    assert (want[[0, 2], 16:] != base[[0, 2], 16:]).any()  # the adapters change the tokens
+
+
 def test_wrap_fused_leaves_other_adapters_to_the_side_path(interpreted):
     """DoRA, and mixed batches whose examples' token counts no row block divides (7 here), do not fit the kernel:
     they run unfused, with the same results as without fused."""
