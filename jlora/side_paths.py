@@ -225,7 +225,7 @@ def _fused_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, entri
     mixed batches) added inside the matmul's kernel, or None when the kernel's blocks do not divide the shape."""
     lead, (n_in, n_out) = x.shape[:-1], kernel.shape
     group_rows = math.prod(lead[1:]) if spec.adapters else None  # (mixed batches: one example's tokens)
-    if not lead or block_sizes(math.prod(lead), n_out, n_in, group_rows) is None:
+    if (spec.adapters and not lead) or block_sizes(math.prod(lead), n_out, n_in, group_rows) is None:
         return None
     if entries[LORA_A].dtype != x.dtype:
         warnings.warn(f"fused=True: an adapter in {entries[LORA_A].dtype} on modules computing in {x.dtype} is cast "
