@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors, read_torch_pickle
 from .config import CONFIG_NAME, LoraConfig, read_json
@@ -27,6 +28,8 @@ from .placement import Placer, ShardingArg
 from .replication import check_depth
 from .spec import build_targets, group_keys
 from .tree import as_param_tree
+
+MANY_ADAPTERS = 8  # loading this many adapters at once shows a progress bar
 
 
 def _check_dtypes(tensors: Mapping[str, np.ndarray], source: str) -> None:
@@ -108,10 +111,12 @@ def load(
         if not source:
             raise AdapterError("load: the dict of adapter sources is empty")
         params = as_param_tree(params)
+        bar = tqdm(source.items(), total=len(source), desc="jlora: loading adapters", unit="adapter",
+                   disable=len(source) < MANY_ADAPTERS)
         singles = {name: load(params, src, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                               layout=layout, dtype=dtype, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                               device=device, sharding=sharding, pad_rank=pad_rank)
-                   for name, src in source.items()}
+                   for name, src in bar}
         return stack_adapters(params, singles, head_tied=get_layout(layout).bind(params).head_tied_to_embedding())
     config, tensors, weights_path = read_adapter(source, revision=revision, subfolder=subfolder, token=token,
                                                  cache_dir=cache_dir, allow_pickle=allow_pickle)

@@ -1,6 +1,8 @@
 """load/wrap/merge as pure functions: inputs untouched, base arrays shared, no recompiles."""
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,16 @@ def test_loaded_arrays_do_not_alias_the_file(tmp_path):
     after = jax.tree_util.tree_map(np.asarray, lp)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree_util.tree_leaves(after)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_loading_many_adapters_shows_progress(tmp_path, capsys):
+    """Eight or more adapters in one load: a progress bar on stderr (fewer: none)."""
+    params = tiny_llama().params
+    many = importlib.import_module("jlora.load").MANY_ADAPTERS  # (the module: jlora.load is the function)
+    folders = {f"a{i}": write_adapter(tmp_path / f"a{i}") for i in range(many)}
+    jlora.load(params, dict(list(folders.items())[:2]))
+    assert "jlora: loading adapters" not in capsys.readouterr().err
+    lp = jlora.load(params, folders)
+    err = capsys.readouterr().err
+    assert "jlora: loading adapters" in err and f"{len(folders)}/{len(folders)}" in err
+    assert len(lp["model"]["layers"]["0"]["self_attn"]["q_proj"].spec.adapters) == len(folders)
