@@ -13,7 +13,9 @@ follow the number of rows. Lowered for another platform than a GPU, the same for
 
 :func:`lora_matmul_grouped` is the mixed-batch form (Punica's SGMV for equal segments): consecutive groups of rows
 (one example's tokens) each with their own adapter's ``A``, ``B`` and scale, gathered as ``(K, r)`` / ``(r, N)``
-slices per example; each row block reads its group's slices, so a mixed batch runs in one kernel too.
+slices per example; each row block reads its group's slices, so a mixed batch runs in one kernel too. Groups of one
+row (decoding, one token per example: Punica's BGMV) read each row's own slices, with broadcast multiplies and sums in
+place of the two LoRA dots.
 
 Example:
     >>> y = lora_matmul(x, kernel, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scale)   # (M, N)
@@ -39,13 +41,15 @@ def block_sizes(m: int, n: int, k: int, group_rows: int | None = None) -> tuple[
     ``group_rows``, which the row blocks must then divide). Few rows: narrow column blocks, so that enough programs
     run to fill the GPU."""
     block_m = min(max(16, pl.next_power_of_2(m)), 64)
-    if group_rows is not None:
+    block_n = 32 if m <= 16 else 64 if m <= 64 else 128
+    block_k = 128 if m <= 64 else 64
+    if group_rows == 1:  # every row its own adapter (decoding: one token per example): per-row slices, small blocks
+        block_m, block_n, block_k = 16, 32, 32
+    elif group_rows is not None:
         while block_m >= 16 and group_rows % block_m:
             block_m //= 2
         if block_m < 16:
             return None
-    block_n = 32 if m <= 16 else 64 if m <= 64 else 128
-    block_k = 128 if m <= 64 else 64
     while block_n > 16 and n % block_n:
         block_n //= 2
     while block_k > 16 and k % block_k:
@@ -55,8 +59,11 @@ def block_sizes(m: int, n: int, k: int, group_rows: int | None = None) -> tuple[
     return block_m, block_n, block_k
 
 
-def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int):
+def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int, per_row: bool):
+    """One output tile. ``per_row``: every row has its own ``A`` (block_m, K, r), ``B`` (block_m, r, block_n) and
+    scales (block_m, r); their products are broadcast multiplies summed over K and r (no dot: a row's own matrix)."""
     block_m, block_n = o_ref.shape
+    r = a_ref.shape[-1]
     # the last row block may pass the array's end: its extra rows are neither read nor written (masks)
     in_rows = (pl.program_id(0) * block_m + jnp.arange(block_m) < rows)[:, None]
 
@@ -65,13 +72,24 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, o_ref, *, rows: int, block_k: int
         ks = pl.ds(i * block_k, block_k)
         x = plgpu.load(x_ref.at[:, ks], mask=in_rows, other=0)
         acc = acc + jnp.dot(x, w_ref[ks, :], preferred_element_type=jnp.float32)
-        xa = xa + jnp.dot(x, a_ref[ks, :], preferred_element_type=jnp.float32)
+        if per_row:
+            a = plgpu.load(a_ref.at[:, ks, :], mask=jnp.broadcast_to(in_rows[:, :, None], (block_m, block_k, r)),
+                           other=0)
+            xa = xa + jnp.sum(x.astype(jnp.float32)[:, :, None] * a.astype(jnp.float32), axis=1)
+        else:
+            xa = xa + jnp.dot(x, a_ref[ks, :], preferred_element_type=jnp.float32)
         return acc, xa
 
-    start = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, a_ref.shape[1]), jnp.float32))
+    start = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, r), jnp.float32))
     acc, xa = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, start)
-    xa = (xa * s_ref[...][None, :]).astype(b_ref.dtype)
-    out = acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)
+    if per_row:
+        scale = plgpu.load(s_ref, mask=jnp.broadcast_to(in_rows, s_ref.shape), other=0)
+        b = plgpu.load(b_ref, mask=jnp.broadcast_to(in_rows[:, :, None], b_ref.shape), other=0)
+        xa = (xa * scale).astype(b_ref.dtype).astype(jnp.float32)
+        out = acc + jnp.sum(xa[:, :, None] * b.astype(jnp.float32), axis=1)
+    else:
+        xa = (xa * s_ref[...][None, :]).astype(b_ref.dtype)
+        out = acc + jnp.dot(xa, b_ref[...], preferred_element_type=jnp.float32)
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=in_rows)
 
 
@@ -91,18 +109,23 @@ def _pad_rank(a: jax.Array, b: jax.Array, scale: jax.Array) -> tuple[jax.Array, 
 
 def _pallas_call(x, w, a, b, scale, blocks: tuple[int, int, int], per_group: int | None, interpret: bool):
     """The kernel over an ``(M/block_m, N/block_n)`` grid. ``per_group``: row blocks per group, when ``a``, ``b`` and
-    ``scale`` have a leading group axis (row block ``i`` reads group ``i // per_group``'s slices)."""
+    ``scale`` have a leading group axis (row block ``i`` reads group ``i // per_group``'s slices); 0: one group per
+    row (row block ``i`` reads its rows' slices)."""
     (m, k), n, r = x.shape, w.shape[1], a.shape[-1]
     block_m, block_n, block_k = blocks
     if per_group is None:
         factor_specs = [pl.BlockSpec((k, r), lambda i, j: (0, 0)), pl.BlockSpec((r, block_n), lambda i, j: (0, j)),
                         pl.BlockSpec(scale.shape, lambda i, j: (0,))]
+    elif per_group == 0:
+        factor_specs = [pl.BlockSpec((block_m, k, r), lambda i, j: (i, 0, 0)),
+                        pl.BlockSpec((block_m, r, block_n), lambda i, j: (i, 0, j)),
+                        pl.BlockSpec((block_m, scale.shape[-1]), lambda i, j: (i, 0))]
     else:
         factor_specs = [pl.BlockSpec((None, k, r), lambda i, j: (i // per_group, 0, 0)),
                         pl.BlockSpec((None, r, block_n), lambda i, j: (i // per_group, 0, j)),
                         pl.BlockSpec((None, scale.shape[-1]), lambda i, j: (i // per_group, 0))]
     return pl.pallas_call(
-        functools.partial(_kernel, rows=m, block_k=block_k),
+        functools.partial(_kernel, rows=m, block_k=block_k, per_row=per_group == 0),
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         grid=(pl.cdiv(m, block_m), n // block_n),
         in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
@@ -145,7 +168,8 @@ def lora_matmul_grouped(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, 
     """:func:`lora_matmul` with an adapter per group of ``rows_per_group`` consecutive rows (a mixed batch's
     examples): ``x`` ``(G * rows_per_group, K)``, ``a`` ``(G, K, r)``, ``b`` ``(G, r, N)``, ``scale`` ``(G,)`` or one
     per rank column ``(G, r)`` (zero: the base model only). The row blocks must divide the groups
-    (:func:`block_sizes` with ``group_rows``). Differentiable: the backward pass is plain XLA.
+    (:func:`block_sizes` with ``group_rows``), or the groups are single rows. Differentiable: the backward pass is
+    plain XLA.
 
     Example:
         >>> lora_matmul_grouped(x, w, a[ids], b[ids], scale[ids], rows_per_group=16).shape
@@ -157,7 +181,7 @@ def lora_matmul_grouped(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, 
         raise ValueError(f"lora_matmul_grouped: ({m}, {k}) @ ({k}, {n}) in {a.shape[0]} groups of {rows_per_group} "
                          "rows does not fit the kernel's blocks")
     a, b, scale = _pad_rank(a, b, scale)
-    kernel = functools.partial(_pallas_call, blocks=blocks, per_group=rows_per_group // blocks[0])
+    kernel = functools.partial(_pallas_call, blocks=blocks, per_group=rows_per_group // blocks[0])  # (0: per row)
     if interpret:
         return kernel(x, w, a, b, scale, interpret=True)
     return jax.lax.platform_dependent(x, w, a, b, scale, cuda=functools.partial(kernel, interpret=False),
