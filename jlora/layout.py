@@ -503,7 +503,11 @@ def _check_tree(params: Any) -> None:
 
 
 class HfLayout(Layout):
-    """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first."""
+    """transformers' Flax naming (see module docstring). Use :meth:`bind` on a tree first.
+
+    Example:
+        >>> bound = HfLayout().bind(model.params)          # what jlora.load(..., layout="hf") uses
+    """
 
     def __init__(self, rules: Sequence[Rule] = HF_RULES, *, name: str | None = "hf", params: Mapping | None = None,
                  prefix_mode: tuple = ("exact",), gpt2_style: bool | None = None):

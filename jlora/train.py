@@ -80,7 +80,12 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
 
 def count_trainable(lora_params: Any) -> int:
-    """Number of trainable scalars."""
+    """Number of trainable scalars (the leaves :func:`trainable_mask` lets move).
+
+    Example:
+        >>> jlora.count_trainable(lora_params)  # r * (in + out) per module: r=4 on q (32->32), v (32->16), 2 layers
+        896
+    """
     mask = trainable_mask(lora_params)
     return sum(int(x.size) for x, m in zip(jax.tree_util.tree_leaves(lora_params), jax.tree_util.tree_leaves(mask))
                if m)

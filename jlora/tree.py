@@ -132,7 +132,13 @@ class ModuleSpec:
 
 
 class AdaptedModule(Mapping):
-    """One module's parameters with its adapter tensors (see module docstring)."""
+    """One module's parameters with its adapter tensors (see module docstring).
+
+    Example:
+        >>> q = lora_params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+        >>> q["lora_A"].shape, q.spec.peft_name
+        ((32, 4), 'model.layers.0.self_attn.q_proj')
+    """
 
     __slots__ = ("_children", "spec", "_aux")
 
