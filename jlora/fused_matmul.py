@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -155,11 +156,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     if blocks is None:
         raise ValueError(f"lora_matmul: ({m}, {k}) @ ({k}, {n}) does not fit the kernel's blocks")
     a, b, scale = _pad_rank(a, b, scale)
-    kernel = functools.partial(_pallas_call, blocks=blocks, per_group=None)
-    if interpret:
-        return kernel(x, w, a, b, scale, interpret=True)
-    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=functools.partial(kernel, interpret=False),
-                                      rocm=functools.partial(kernel, interpret=False), default=_plain)
+    return _run(functools.partial(_pallas_call, blocks=blocks, per_group=None), _plain, (x, w, a, b, scale), interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -182,10 +179,16 @@ def lora_matmul_grouped(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, 
                          "rows does not fit the kernel's blocks")
     a, b, scale = _pad_rank(a, b, scale)
     kernel = functools.partial(_pallas_call, blocks=blocks, per_group=rows_per_group // blocks[0])  # (0: per row)
+    return _run(kernel, _plain_grouped, (x, w, a, b, scale), interpret)
+
+
+def _run(kernel: Callable, plain: Callable, operands: tuple, interpret: bool) -> jax.Array:
+    """``kernel`` where the computation is lowered for a GPU (CUDA or ROCm), ``plain`` (its formula as XLA matmuls)
+    elsewhere; ``interpret``: the kernel in Pallas' interpreter, on any platform."""
     if interpret:
-        return kernel(x, w, a, b, scale, interpret=True)
-    return jax.lax.platform_dependent(x, w, a, b, scale, cuda=functools.partial(kernel, interpret=False),
-                                      rocm=functools.partial(kernel, interpret=False), default=_plain_grouped)
+        return kernel(*operands, interpret=True)
+    gpu = functools.partial(kernel, interpret=False)
+    return jax.lax.platform_dependent(*operands, cuda=gpu, rocm=gpu, default=plain)
 
 
 def _plain(x, w, a, b, scale):
