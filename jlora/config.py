@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -23,8 +24,20 @@ CONFIG_NAME = "adapter_config.json"
 MAX_RANK = 2**31 - 1  # larger ranks cannot be tensor dimensions of any real adapter
 
 # PEFT init modes that rewrite the base weights: the adapter file alone cannot reproduce them.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
+KNOWN_INITS = (True, False, "gaussian", "kaiming", "orthogonal", "eva", "mica", "nora")
+
+# Fields PEFT refuses as null (it fails on them); every other field's null means what PEFT makes of it.
+NULL_REFUSED = ("r", "lora_alpha", "lora_dropout", "bias")
+# PEFT tests ``init_lora_weights`` for truth: a null is False (no reset), not the default True.
+NULL_MEANS = {"init_lora_weights": False}
+
+# Keys of configs written by other tools, to say what a file is when it is not PEFT's.
+FOREIGN_FORMATS = {
+    "lora_parameters": "an mlx-lm adapter config (mlx_lm.lora writes lora_parameters / fine_tune_type)",
+    "fine_tune_type": "an mlx-lm adapter config (mlx_lm.lora writes lora_parameters / fine_tune_type)",
+    "lora_layers": "an mlx-lm adapter config (mlx_lm.lora writes lora_layers)",
+}
 
 # Fields PEFT knows whose non-default values change the model in ways jlora does not implement.
 UNSUPPORTED_WHEN_SET = {
@@ -36,7 +49,7 @@ UNSUPPORTED_WHEN_SET = {
 
 @dataclass
 class LoraConfig:
-    """PEFT's LoraConfig, field for field (PEFT 0.21 defaults). Only ``r``, ``lora_alpha``,
+    """PEFT's LoraConfig, field for field (PEFT 0.22 defaults). Only ``r``, ``lora_alpha``,
     ``target_modules`` and friends change what jlora computes; the rest round-trips to
     ``adapter_config.json`` unchanged.
 
@@ -74,6 +87,7 @@ class LoraConfig:
     loftq_config: dict = field(default_factory=dict)
     eva_config: dict | None = None
     corda_config: dict | None = None
+    astra_config: dict | None = None
     lora_ga_config: dict | None = None
     velora_config: dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -126,8 +140,24 @@ class LoraConfig:
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "adapter_config.json") -> "LoraConfig":
-        """Parse a loaded ``adapter_config.json``; unknown keys are kept and warned about.
+    def from_dict(cls, data: Any, *, source: str = "adapter_config.json", quiet: bool = False) -> "LoraConfig":
+        """Parse a loaded ``adapter_config.json`` as PEFT reads it.
+
+        Nulls mean what they mean to PEFT (a null flag is false, a null dict empty); fields PEFT does not
+        know are kept (``save`` writes them back) and warned about, with the known field a typo was meant
+        to be.
+
+        Args:
+            data: the JSON object.
+            source: where it came from, for messages.
+            quiet: no warning about unknown fields (for configs jlora wrote itself).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: not a JSON object, not a PEFT config, or invalid fields (all listed).
+            UnsupportedAdapterError: another PEFT type, or LoRA features jlora does not implement.
 
         Example:
             >>> LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).r
@@ -135,17 +165,12 @@ class LoraConfig:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
-        peft_type = data.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise UnsupportedAdapterError(
-                f"{source}: peft_type {peft_type!r} is not supported; jlora reads LoRA adapters "
-                "(peft_type 'LORA') only"
-            )
+        _check_peft_type(data, source)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
-        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs = {k: _null_meaning(k, v) for k, v in data.items() if k in known}
         unknown = {k: v for k, v in data.items() if k not in known and k != "runtime_config"}
-        if unknown:
-            warnings.warn(f"{source}: unknown LoRA config fields ignored: {sorted(unknown)}", stacklevel=2)
+        if unknown and not quiet:
+            warnings.warn(f"{source}: {_describe_unknown(unknown, known)}", stacklevel=2)
         try:
             return cls(**kwargs, extra_fields=unknown)
         except ConfigError as err:
@@ -179,6 +204,41 @@ class LoraConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+
+def _check_peft_type(data: dict, source: str) -> None:
+    """Refuse what is not a PEFT LoRA config: another PEFT type, or another tool's file (no ``peft_type``)."""
+    if "peft_type" not in data:
+        foreign = next((what for key, what in FOREIGN_FORMATS.items() if key in data), None)
+        found = f"it looks like {foreign}" if foreign else f"its fields are {sorted(data)[:8]}"
+        raise ConfigError(f"{source}: not a PEFT adapter config (no peft_type field); {found}. jlora reads "
+                          "adapters saved by PEFT's save_pretrained (adapter_config.json with peft_type 'LORA')")
+    if data["peft_type"] != "LORA":
+        raise UnsupportedAdapterError(
+            f"{source}: peft_type {data['peft_type']!r} is not supported; jlora reads LoRA adapters "
+            "(peft_type 'LORA') only")
+
+
+def _null_meaning(name: str, value: Any) -> Any:
+    """A field's value with PEFT's meaning of null: the default (false, empty) where PEFT accepts one."""
+    if value is not None or name in NULL_REFUSED:
+        return value
+    if name in NULL_MEANS:
+        return NULL_MEANS[name]
+    default = next(f for f in dataclasses.fields(LoraConfig) if f.name == name)
+    if default.default_factory is not dataclasses.MISSING:
+        return default.default_factory()
+    return default.default
+
+
+def _describe_unknown(unknown: dict, known: set[str]) -> str:
+    """The warning for unknown fields, naming the known field each one is likely a typo of."""
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        parts.append(f"unknown field {key!r}; did you mean {close[0]!r}?" if close else f"unknown field {key!r}")
+    return ("; ".join(parts) + " (ignored: PEFT does not know it either, "
+            "or it comes from a newer PEFT than jlora knows)")
 
 
 def read_json(path) -> Any:

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -133,9 +134,9 @@ def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "
     names = list(module_names) if module_names is not None else list(tree_names)
     heads = [h for h in _HEADS_TO_SAVE.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
     if heads:  # PEFT's PeftModelForSequenceClassification / ...TokenClassification train their head
-        config = LoraConfig(**{**config.to_dict(), "modules_to_save": list(config.modules_to_save or []) + heads})
+        config = dataclasses.replace(config, modules_to_save=list(config.modules_to_save or []) + heads)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config = LoraConfig(**{**config.to_dict(), "target_modules": _all_linear(tree_names)})
+        config = dataclasses.replace(config, target_modules=_all_linear(tree_names))
     bound = get_layout(layout).bind(params, names)
     tensors: dict[str, np.ndarray] = {}
     problems = []

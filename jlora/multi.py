@@ -264,8 +264,8 @@ def _combined_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
         merged = sorted({m for t in targets for m in t})
     else:
         raise AdapterError("add_weighted: adapters mix list and regex target_modules (PEFT refuses this too)")
-    return LoraConfig(**{**configs[0].to_dict(), "r": rank, "lora_alpha": rank, "target_modules": merged,
-                         "rank_pattern": {}, "alpha_pattern": {}})
+    return dataclasses.replace(configs[0], r=rank, lora_alpha=rank, target_modules=merged,
+                               rank_pattern={}, alpha_pattern={})
 
 
 def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "cat",
@@ -304,7 +304,7 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     for node in multi:
         for name, spec, _ in node.spec.adapters:
             if spec is not None:
-                configs.setdefault(name, LoraConfig.from_dict(json.loads(spec.config_json)))
+                configs.setdefault(name, LoraConfig.from_dict(json.loads(spec.config_json), quiet=True))
     missing = [n for n in chosen if n not in configs]
     if missing:
         raise AdapterError(f"add_weighted: unknown adapters {missing}; the tree holds {sorted(configs)}")

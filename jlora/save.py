@@ -160,7 +160,7 @@ def _config_json(lora_params: Any) -> str:
     if len(configs) > 1:
         raise AdapterError("save: the tree holds adapters with different configs; save them one at a time")
     config_json = configs.pop()
-    config = LoraConfig.from_dict(json.loads(config_json), source="the tree's adapter config")
+    config = LoraConfig.from_dict(json.loads(config_json), source="the tree's adapter config", quiet=True)
     stale = []
     for node in (n for n in nodes if n.spec.sources):
         scale = _to_host(node[RANK_SCALE])  # once per module, however many layers/parts it holds
