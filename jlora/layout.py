@@ -62,22 +62,37 @@ class Rule:
             a torch axis (``"(n h) i"``). On the right, ``layer`` is a stacking axis indexed by the
             ``layer`` group and ``part`` a fused-kernel axis indexed by ``part=``.
         sizes: sizes of split axes (``n=4``), checked against the leaf; ``part=`` an int or a group name.
+            On the Flax side, a parenthesised group of output axes is one leaf axis holding them in that
+            order (``"(n t j) i -> i n (j t)"``, ``t=2``: within each head, rows ``t * j_size + j`` of the
+            PyTorch weight go to ``2 j + t``, an interleaving permutation of the output rows); at most one
+            size per group may be left to infer from the leaf.
+        out_scale: a factor by which the leaf's output rows are scaled relative to the PyTorch weight
+            (e.g. a ``1/sqrt(head_dim)`` folded into a query kernel), a float or a callable that takes the
+            axis sizes (``{"n": 4, "h": 16, ...}``) and returns one. ``lora_B`` (and DoRA's magnitude,
+            ``lora_bias``) are multiplied by it in float32 on loading and divided by it on saving.
 
     Example:
         >>> Rule(r"model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.k_proj", "layers/{layer}/attn/kv/kernel",
         ...      "(k h) i -> i part k h", part=0)
+        >>> Rule(r"model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.q_proj", "decoder/layers/query/kernel",
+        ...      "(n t j) i -> i layer n (j t)", t=2, out_scale=lambda s: (2 * s["j"]) ** -0.5)
     """
 
     match: str
     path: str
     axes: str
     sizes: tuple = ()
+    out_scale: float | Callable[[Mapping[str, int]], float] | None = None
 
-    def __init__(self, match: str, path: str, axes: str, **sizes: Any):
+    def __init__(self, match: str, path: str, axes: str, *,
+                 out_scale: float | Callable[[Mapping[str, int]], float] | None = None, **sizes: Any):
         object.__setattr__(self, "match", match)
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "axes", axes)
         object.__setattr__(self, "sizes", tuple(sorted(sizes.items())))
+        object.__setattr__(self, "out_scale", out_scale)
+        if out_scale is not None and not callable(out_scale) and not isinstance(out_scale, (int, float)):
+            raise AdapterError(f"Rule out_scale must be a number or a callable, found {type(out_scale).__name__}")
         try:
             re.compile(match)
         except re.error as err:
@@ -88,8 +103,8 @@ class Rule:
         lhs, rhs = _parse_side(left), _parse_side(right)
         flat_left = [a for g in lhs for a in g]
         flat_right = [a for g in rhs for a in g]
-        if any(len(g) != 1 for g in rhs):
-            raise AdapterError(f"Rule axes {axes!r}: the Flax side cannot group axes")
+        if any(len(g) != 1 and ({LAYER, PART} & set(g)) for g in rhs):
+            raise AdapterError(f"Rule axes {axes!r}: the Flax side cannot group 'layer' or 'part'")
         extra = set(flat_right) - set(flat_left) - {LAYER, PART}
         missing = set(flat_left) - set(flat_right)
         if extra or missing or len(set(flat_right)) != len(flat_right) or len(lhs) < 2:
@@ -103,8 +118,14 @@ class Rule:
         return _parse_side(self.axes.partition("->")[0])
 
     @property
+    def flax_groups(self) -> list[list[str]]:
+        """The Flax leaf's axes, each a list of the elementary axes it holds (one, unless grouped)."""
+        return _parse_side(self.axes.partition("->")[2])
+
+    @property
     def flax_axes(self) -> list[str]:
-        return [g[0] for g in _parse_side(self.axes.partition("->")[2])]
+        """The Flax side's elementary axes, in order (a group's axes in the group's order)."""
+        return [a for g in self.flax_groups for a in g]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +159,11 @@ class Placement:
     # factor with zeros off the blocks, which the forward masks so that training keeps them zero
     a_blocks: int = 1
     b_blocks: int = 1
+    # a Flax-side group of output axes (Rule "... -> i (j t)"): the canonical outputs' shape, each leaf axis
+    # holding its group's elementary axes (None: no group, one leaf axis per elementary output axis)
+    out_shape: tuple[int, ...] | None = None
+    # the leaf's output rows are the PyTorch weight's times this (Rule ``out_scale``)
+    out_scale: float = 1.0
 
     def with_groups(self, groups: int) -> "Placement":
         """This placement for a LoRA on a convolution with ``groups`` feature groups (see ``groups``)."""
@@ -157,16 +183,26 @@ class Placement:
         a = a.reshape(a.shape[0], *self.in_sizes)
         return a.transpose(*(1 + i for i in self.in_order), 0)
 
-    def b_to_canonical(self, b: np.ndarray) -> np.ndarray:
-        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part); a block-diagonal one's
-        (out, r / blocks, 1...) expanded."""
+    @property
+    def out_elementary_shape(self) -> tuple[int, ...]:
+        """The canonical outputs' elementary axes' sizes (before a Flax-side group merges some)."""
+        return tuple(self.out_sizes[i] for i in self.out_order)
+
+    def _b_canonical(self, b: np.ndarray) -> np.ndarray:
         b = _block_diagonal(b, self.b_blocks)
         b = b.reshape(*self.out_sizes, b.shape[1])
-        return b.transpose(len(self.out_sizes), *self.out_order)
+        b = b.transpose(len(self.out_sizes), *self.out_order)
+        return b if self.out_shape is None else b.reshape(b.shape[0], *self.out_shape)
+
+    def b_to_canonical(self, b: np.ndarray) -> np.ndarray:
+        """PEFT lora_B (out, r, 1...) -> (r, canonical outputs... without part); a block-diagonal one's
+        (out, r / blocks, 1...) expanded; times ``out_scale``."""
+        return _scale_rows(self._b_canonical(b), self.out_scale)
 
     def out_to_canonical(self, v: np.ndarray) -> np.ndarray:
-        """A PEFT per-output vector (out,) (DoRA magnitude, lora_B bias) -> canonical outputs."""
-        return v.reshape(self.out_sizes).transpose(self.out_order)
+        """A PEFT per-output vector (out,) (DoRA magnitude, lora_B bias) -> canonical outputs, times ``out_scale``."""
+        v = v.reshape(self.out_sizes).transpose(self.out_order)
+        return _scale_rows(v if self.out_shape is None else v.reshape(self.out_shape), self.out_scale)
 
     def a_to_torch(self, a) -> np.ndarray:
         a = np.asarray(a)
@@ -175,7 +211,9 @@ class Placement:
         return _diagonal_blocks(a, self.a_blocks).reshape(a.shape[0], *self.a_tail)
 
     def b_to_torch(self, b) -> np.ndarray:
-        b = np.asarray(b)
+        b = _unscale_rows(np.asarray(b), self.out_scale)
+        if self.out_shape is not None:
+            b = b.reshape(b.shape[0], *self.out_elementary_shape)
         inverse = np.argsort(self.out_order)
         b = b.transpose(*(1 + i for i in inverse), 0).reshape(-1, b.shape[0], *self.b_tail)
         return _diagonal_blocks(b, self.b_blocks)
@@ -191,10 +229,13 @@ class Placement:
         if self.b_blocks == 1:
             return None
         ones = np.ones((int(np.prod(self.out_sizes)), rank // self.b_blocks, *self.b_tail), np.float32)
-        return self.b_to_canonical(ones)
+        return self._b_canonical(ones)
 
     def out_to_torch(self, v) -> np.ndarray:
-        return np.asarray(v).transpose(np.argsort(self.out_order)).reshape(-1)
+        v = _unscale_rows(np.asarray(v), self.out_scale)
+        if self.out_shape is not None:
+            v = v.reshape(self.out_elementary_shape)
+        return v.transpose(np.argsort(self.out_order)).reshape(-1)
 
     @property
     def magnitude_shape(self) -> tuple[int, ...]:
@@ -221,6 +262,22 @@ class ParamMapping:
     flax_key: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _scale_rows(x: np.ndarray, scale: float) -> np.ndarray:
+    """``x * scale`` computed as MaxText's converter does (in float32, cast back); ``x`` when ``scale`` is 1."""
+    if scale == 1.0:
+        return x
+    work = np.float32 if np.dtype(x.dtype).itemsize <= 4 else np.float64
+    return (np.asarray(x, work) * work(np.float32(scale))).astype(x.dtype)
+
+
+def _unscale_rows(x: np.ndarray, scale: float) -> np.ndarray:
+    """The inverse of :func:`_scale_rows`: ``x / scale`` in float64, rounded once to ``x``'s dtype (so that a
+    scaled float32 value comes back to the value it was scaled from)."""
+    if scale == 1.0:
+        return x
+    return (np.asarray(x, np.float64) / np.float64(np.float32(scale))).astype(x.dtype)
 
 
 def _block_diagonal(x: np.ndarray, blocks: int) -> np.ndarray:
@@ -260,6 +317,20 @@ def _identity(x):
 
 def _group_value(value: str | None) -> list[str]:
     return [] if value is None else value.split(".")
+
+
+def _path_segments(path: str, m: re.Match) -> list[str]:
+    """A rule's path template filled from match ``m``: a segment that is one ``{group}`` becomes the group's
+    value split at its dots; a segment that mixes text and groups (``layers_{i}``) becomes one key."""
+    segments: list[str] = []
+    for seg in path.split("/"):
+        pieces = [p for p in re.split(r"(\{\w+\})", seg) if p]
+        values = [(m.groupdict().get(p[1:-1]) or "") if p.startswith("{") and p.endswith("}") else p for p in pieces]
+        if len(pieces) == 1 and pieces[0].startswith("{") and pieces[0].endswith("}"):
+            segments.extend(_group_value(m.groupdict().get(pieces[0][1:-1])))
+        elif pieces:
+            segments.append("".join(values))
+    return segments
 
 
 class Layout:
@@ -324,14 +395,7 @@ class Layout:
             m = re.fullmatch(rule.match, target)
             if m is None:
                 continue
-            segments = []
-            for seg in rule.path.split("/"):
-                for piece in re.split(r"(\{\w+\})", seg):
-                    if piece.startswith("{") and piece.endswith("}"):
-                        segments.extend(_group_value(m.groupdict().get(piece[1:-1])))
-                    elif piece:
-                        segments.append(piece)
-            found = self._walk(segments)
+            found = self._walk(_path_segments(rule.path, m))
             if found is None or not hasattr(found[1], "shape"):
                 continue
             path, leaf = found
@@ -426,9 +490,39 @@ class Layout:
         return f"module {name!r} has no place in the {self.tree_name} tree (layout {self.name!r}){hint}{near}"
 
 
+def _group_sizes(rule: Rule, path: tuple, leaf, groups: list[list[str]]) -> dict[str, int]:
+    """Every elementary Flax-side axis' size: a leaf axis' own, or within a group the declared sizes with at most
+    one left to infer (the product must be the leaf axis' size)."""
+    declared = dict(rule.sizes)
+    sizes: dict[str, int] = {}
+    where = f"Rule {rule.match!r} at {'/'.join(map(str, path))} {list(leaf.shape)}"
+    for dim, group in zip(leaf.shape, groups):
+        if len(group) == 1:
+            sizes[group[0]] = int(dim)
+            continue
+        unknown = [a for a in group if a not in declared]
+        known = int(np.prod([declared[a] for a in group if a in declared]))
+        if len(unknown) > 1 or known == 0 or dim % known or (not unknown and known != dim):
+            raise AdapterError(f"{where}: the group ({' '.join(group)}) needs sizes whose product is {dim} "
+                               f"(at most one left to infer), declared {declared}")
+        sizes.update({a: int(declared[a]) for a in group if a in declared})
+        sizes.update({a: int(dim) // known for a in unknown})
+    return sizes
+
+
+def _layer_index(rule: Rule, m: re.Match, leaf, layer_axis: int | None) -> tuple[int | None, bool]:
+    """The ``layer`` group's value (None without a layer axis) and whether it is within the leaf."""
+    if layer_axis is None:
+        return None, True
+    value = m.groupdict().get(LAYER)
+    if value is None or not value.isdigit():
+        raise AdapterError(f"Rule {rule.match!r} stacks layers but has no (?P<layer>\\d+) group")
+    return int(value), int(value) < leaf.shape[layer_axis]
+
+
 def _placement_from_rule(rule: Rule, m: re.Match, path: tuple, leaf, kind: str) -> Placement | None:
-    flax = rule.flax_axes
-    if leaf.ndim != len(flax):
+    flax_groups = rule.flax_groups
+    if leaf.ndim != len(flax_groups):
         return None
     groups = rule.torch_groups
     if kind == "embedding":
@@ -439,39 +533,40 @@ def _placement_from_rule(rule: Rule, m: re.Match, path: tuple, leaf, kind: str) 
         in_groups, out_groups = groups[1:], groups[:1]
     in_elems = [a for g in in_groups for a in g]
     out_elems = [a for g in out_groups for a in g]
-    sizes = {a: leaf.shape[i] for i, a in enumerate(flax)}
+    if any(len(g) > 1 and not set(g) <= set(out_elems) for g in flax_groups):
+        raise AdapterError(f"Rule {rule.match!r} ({rule.axes!r}): a Flax-side group may only hold output axes")
+    sizes = _group_sizes(rule, path, leaf, flax_groups)
     declared = dict(rule.sizes)
     bad = [f"{a}={v} (leaf has {sizes[a]})" for a, v in declared.items() if a in sizes and a != PART and sizes[a] != v]
     if bad:
         raise AdapterError(f"Rule {rule.match!r}: sizes do not match the leaf at {'/'.join(map(str, path))} "
                            f"{list(leaf.shape)}: {bad}")
-    no_layer = [a for a in flax if a != LAYER]
-    canonical = [a for a in no_layer if a in in_elems] + [a for a in no_layer if a not in in_elems]
-    layer_axis = flax.index(LAYER) if LAYER in flax else None
-    layer = None
-    if layer_axis is not None:
-        value = m.groupdict().get(LAYER)
-        if value is None or not value.isdigit():
-            raise AdapterError(f"Rule {rule.match!r} stacks layers but has no (?P<layer>\\d+) group")
-        layer = int(value)
-        if layer >= leaf.shape[layer_axis]:
-            return None
+    no_layer = [g for g in flax_groups if g != [LAYER]]
+    canonical = [g for g in no_layer if g[0] in in_elems] + [g for g in no_layer if g[0] not in in_elems]
+    layer_axis = flax_groups.index([LAYER]) if [LAYER] in flax_groups else None
+    layer, inside = _layer_index(rule, m, leaf, layer_axis)
+    if not inside:
+        return None
     part_axis = part = None
-    if PART in flax:
-        part_axis = canonical.index(PART)
+    if [PART] in flax_groups:
+        part_axis = canonical.index([PART])
         spec = declared[PART]
         part = spec if isinstance(spec, int) else int(m.group(spec))
-    canon_in = [a for a in canonical if a in in_elems]
-    canon_out = [a for a in canonical if a in out_elems]
-    torch_shape_in = [int(np.prod([sizes[a] for a in g])) for g in in_groups]
+    canon_in = [g[0] for g in canonical if g[0] in in_elems]
+    canon_out = [a for g in canonical for a in g if a in out_elems]
+    merged = any(len(g) > 1 for g in flax_groups)
+    scale = rule.out_scale(dict(sizes)) if callable(rule.out_scale) else rule.out_scale
     return Placement(
         path=path[:-1], kind=kind, kernel_key=path[-1], in_ndim=len(canon_in),
-        kernel_perm=tuple(canonical.index(a) for a in no_layer),
+        kernel_perm=tuple(canonical.index(g) for g in no_layer),
         layer_axis=layer_axis, layer=layer, part_axis=part_axis, part=part,
         in_sizes=tuple(sizes[a] for a in in_elems), in_order=tuple(in_elems.index(a) for a in canon_in),
         out_sizes=tuple(sizes[a] for a in out_elems), out_order=tuple(out_elems.index(a) for a in canon_out),
-        a_tail=tuple(torch_shape_in),
+        a_tail=tuple(int(np.prod([sizes[a] for a in g])) for g in in_groups),
         b_tail=(1,) * (len(in_groups) - 1) if kind != "embedding" else (),
+        out_shape=tuple(int(np.prod([sizes[a] for a in g])) for g in canonical
+                        if g[0] in out_elems) if merged else None,
+        out_scale=1.0 if scale is None else float(scale),
     )
 
 
@@ -554,6 +649,10 @@ def get_layout(layout: Any) -> Layout:
         from .torch_layout import TorchLayout  # a variant of HfLayout, in its own file
 
         return TorchLayout()
+    if isinstance(layout, str) and (layout == "maxtext" or layout.startswith("maxtext:")):
+        from .maxtext_layout import maxtext_layout  # MaxText's converted checkpoints, in their own file
+
+        return maxtext_layout(layout)
     if isinstance(layout, Layout):
         return layout
     raise AdapterError(f"unknown layout {layout!r}; use 'hf', 'torch' or a jlora.Layout")
