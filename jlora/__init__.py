@@ -10,7 +10,7 @@ from .alora import alora_offsets
 from .arrow import arrow
 from .config import LoraConfig
 from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, TargetMismatchError,
-                     UnsupportedAdapterError)
+                     UnsupportedAdapterError, UnwrappedAdapterWarning)
 from .layout import HfLayout, Layout, Rule
 from .load import load, place
 from .init import init
@@ -26,8 +26,8 @@ from .wrap import wrap
 
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
-    "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "add_weighted", "alora_offsets", "arrow",
-    "combine", "count_trainable", "init", "kasa_loss", "load", "merge", "nnx_model", "optimizer", "place",
-    "replicate_layers", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "UnwrappedAdapterWarning", "add_weighted",
+    "alora_offsets", "arrow", "combine", "count_trainable", "init", "kasa_loss", "load", "merge", "nnx_model",
+    "optimizer", "place", "replicate_layers", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"

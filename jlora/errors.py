@@ -1,4 +1,5 @@
-"""The one error hierarchy of jlora: every bad-input error is an :class:`AdapterError`.
+"""The one error hierarchy of jlora: every bad-input error is an :class:`AdapterError`; and its one
+warning category of its own, :class:`UnwrappedAdapterWarning`.
 
 Example:
     >>> try:
@@ -42,3 +43,14 @@ class UnsupportedAdapterError(AdapterError):
 
 class SourceError(AdapterError):
     """The adapter's files could not be found or downloaded (local folder or Hub)."""
+
+
+class UnwrappedAdapterWarning(UserWarning):
+    """A Flax model read its parameters straight out of a LoRA tree, without :func:`jlora.wrap`: it runs the base
+    weights and the adapter has no effect. Make it an error with
+    ``warnings.simplefilter("error", jlora.UnwrappedAdapterWarning)``.
+
+    Example:
+        >>> model(ids, params=lora_params)                                    # warns: the adapter is ignored
+        >>> jax.jit(jlora.wrap(model.__call__))(ids, params=lora_params)      # runs it
+    """

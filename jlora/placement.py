@@ -11,6 +11,13 @@ replicated on its devices), or a callable ``fn(path, leaf) -> Sharding | None`` 
 ``ShapeDtypeStruct`` carrying the derived sharding; ``None`` keeps it); ``load(..., device=d)`` puts
 every new leaf on ``d``.
 
+Committed or not: a new leaf is committed to its devices (as ``jax.device_put(x, device)`` commits) only where
+its base leaf is committed or the caller asked for a placement (``device=``, ``sharding=``, a sharding the
+callable returned). Beside an uncommitted base leaf (``model.params`` of a transformers model, ``module.init``'s
+output, numpy arrays) it stays uncommitted on the base leaf's device, as ``jnp.asarray`` would put it. jit's cache
+key holds each argument's committedness, and its outputs are committed when any argument is: committed adapter
+leaves beside uncommitted base and optimizer state would make a training step's second call compile again.
+
 Host to device: the file's bytes move in the file's dtype (a bfloat16 file's float32 factors are cast
 on the device: half the transfer, no host pass). A leaf on one device is read straight from the
 memory-mapped file; on an accelerator it travels in the file's memory order and is transposed there,
@@ -121,6 +128,52 @@ def replicated_like(base_sharding: Sharding | None) -> Sharding:
     return NamedSharding(Mesh(np.array(devices), ("replicas",)), PartitionSpec())
 
 
+def is_committed(leaf: Any) -> bool:
+    """Whether ``leaf`` is a jax array committed to its devices (numpy arrays and uncommitted jax arrays are not).
+
+    Example:
+        >>> is_committed(jnp.zeros(3)), is_committed(jax.device_put(np.zeros(3), jax.devices()[0]))
+        (False, True)
+    """
+    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and bool(leaf.committed)
+
+
+def device_of(leaf: Any) -> jax.Device:
+    """The one device of an uncommitted (single-device) leaf; the default device for numpy arrays.
+
+    Example:
+        >>> device_of(np.zeros(3)) == jax.devices()[0]
+        True
+    """
+    devices = getattr(leaf, "devices", None)
+    return next(iter(devices())) if callable(devices) else default_device()
+
+
+def put_uncommitted(value: Any, device: jax.Device) -> jax.Array:
+    """``value`` (a host or jax array) on ``device``, uncommitted: as ``jnp.asarray`` puts it on the default
+    device, so that jit may combine it with other uncommitted arguments without a new compilation.
+
+    Example:
+        >>> put_uncommitted(np.ones(3), jax.devices()[0]).committed
+        False
+    """
+    with jax.default_device(device):
+        return jax.device_put(value if not is_committed(value) else np.asarray(value))
+
+
+def place_like(value: Any, like: Any, sharding: Sharding | None = None) -> jax.Array:
+    """``value`` placed as ``like`` is: committed to ``sharding`` (default: ``like``'s) where ``like`` is a
+    committed jax array, else uncommitted on ``like``'s device (the default device for numpy arrays).
+
+    Example:
+        >>> place_like(np.zeros((4, 8)), node["lora_A"]).committed == node["lora_A"].committed
+        True
+    """
+    if not is_committed(like):
+        return put_uncommitted(value, device_of(like))
+    return jax.device_put(value, sharding if sharding is not None else like.sharding)
+
+
 def _memory_order(x: np.ndarray) -> tuple[int, ...]:
     """Axis order in which ``x``'s elements lie in memory (outermost first)."""
     return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
@@ -151,10 +204,11 @@ def _transfer_dtype(host_dtype: np.dtype, dtype: np.dtype) -> np.dtype:
 
 
 def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
-              inspect: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+              inspect: Callable[[np.ndarray], None] | None = None, committed: bool = True) -> jax.Array:
     """``host`` as a ``jax.Array`` with ``sharding``, cast to ``dtype``: each addressable device
     receives its shard, read from ``host`` (a view is fine) and copied once into the device buffer.
     ``inspect`` sees every distinct host shard before it is cast (e.g. a finiteness check).
+    ``committed=False`` (a single-device ``sharding`` only): the array stays uncommitted on that device.
 
     Example:
         >>> to_device(mmapped.T, NamedSharding(mesh, P("model", None)), jnp.float32)
@@ -173,8 +227,13 @@ def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
             cache[key] = _unaliased(host_shard(host, index, moved))
         return cache[key]
 
-    array = jax.make_array_from_callback(host.shape, sharding, shard, dtype=moved)
-    return array if moved == dtype else array.astype(dtype)
+    if committed:
+        array = jax.make_array_from_callback(host.shape, sharding, shard, dtype=moved)
+        return array if moved == dtype else array.astype(dtype)
+    (device,) = sharding.device_set
+    with jax.default_device(device):  # (the cast runs there too: uncommitted operands go to the default device)
+        array = put_uncommitted(shard(None), device)
+        return array if moved == dtype else array.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +288,17 @@ class Placer:
         self._pending: list[tuple[jax.Array, tuple[int, ...], np.dtype]] = []
         self._done: list[jax.Array] = []
 
-    def sharding_for(self, path: str, shape: tuple, dtype: np.dtype, base: Any, axes: Axes) -> Sharding | None:
-        """The sharding of a new leaf at ``path`` whose axes follow ``axes`` of ``base`` (or None + a problem)."""
+    def sharding_for(self, path: str, shape: tuple, dtype: np.dtype, base: Any,
+                     axes: Axes) -> tuple[Sharding, bool] | None:
+        """The sharding of a new leaf at ``path`` whose axes follow ``axes`` of ``base``, and whether the leaf is
+        committed to it (see module docstring); or None, with a problem recorded.
+
+        Example:
+            >>> Placer().sharding_for("q/lora_A", (32, 4), np.dtype("float32"), jnp.zeros((32, 32)), (0, None))
+            (SingleDeviceSharding(device=CpuDevice(id=0), memory_kind=device), False)
+        """
         base_sharding = getattr(base, "sharding", None)
+        commit = True  # (device= and sharding= commit)
         if self.device is not None:
             chosen = SingleDeviceSharding(self.device)
         elif self.sharding == REPLICATED:
@@ -244,12 +311,13 @@ class Placer:
                 self.problems.append(f"{path}: cannot derive a sharding from the base leaf's {base_sharding} "
                                      "(use NamedSharding for the base, or pass sharding=)")
                 return None
-            if callable(self.sharding):
-                mine = self.sharding(path, jax.ShapeDtypeStruct(shape, dtype, sharding=chosen))
-                if mine is not None and not isinstance(mine, Sharding):
-                    self.problems.append(f"{path}: the sharding callable returned {mine!r}, not a Sharding")
-                    return None
-                chosen = mine or chosen
+            mine = self.sharding(path, jax.ShapeDtypeStruct(shape, dtype, sharding=chosen)) \
+                if callable(self.sharding) else None
+            if mine is not None and not isinstance(mine, Sharding):
+                self.problems.append(f"{path}: the sharding callable returned {mine!r}, not a Sharding")
+                return None
+            commit = mine is not None or is_committed(base)
+            chosen = mine or chosen
         try:
             chosen.check_compatible_aval(shape)
             chosen.shard_shape(shape)
@@ -260,7 +328,7 @@ class Placer:
                 chosen.device_set != base_sharding.device_set:
             self.problems.append(f"{path}: {chosen} uses other devices than the base leaf's {base_sharding}")
             return None
-        return chosen
+        return chosen, commit or len(chosen.device_set) > 1  # (an uncommitted array has one device)
 
     def check_values(self, host: np.ndarray, key: str) -> None:
         """Record ``key`` when ``host`` holds NaN or Inf (for tensors combined before placing)."""
@@ -273,9 +341,10 @@ class Placer:
         ``checked``: its values were already checked with :meth:`check_values`."""
         dtype = np.dtype(dtype)
         name = "/".join(map(str, path))
-        sharding = self.sharding_for(name, tuple(host.shape), dtype, base, axes)
-        if sharding is None:
+        placed = self.sharding_for(name, tuple(host.shape), dtype, base, axes)
+        if placed is None:
             return None
+        sharding, commit = placed
         label = key or name
 
         def check(part: np.ndarray) -> None:
@@ -292,10 +361,11 @@ class Placer:
             if inspect is not None:
                 inspect(host)
             order = _memory_order(host)
-            array = jax.device_put(np.asarray(host_shard(host.transpose(order), (...,), moved), order="C"), sharding)
+            moving = np.asarray(host_shard(host.transpose(order), (...,), moved), order="C")
+            array = jax.device_put(moving, sharding) if commit else put_uncommitted(moving, device)
         else:  # (make_array_from_callback's transposing copy: ~1.7x faster than device_put's here)
             order = tuple(range(host.ndim))
-            array = to_device(host, sharding, moved, inspect)
+            array = to_device(host, sharding, moved, inspect, committed=commit)
         perm = tuple(int(i) for i in np.argsort(order))
         if moved == dtype and perm == tuple(range(host.ndim)):
             return array
@@ -309,16 +379,17 @@ class Placer:
                                   "load them anyway)", sorted(self.nonfinite))
         if self.problems:
             raise AdapterError(f"{self.source}: the adapter cannot be placed with these shardings", self.problems)
-        groups: dict[tuple, list[int]] = {}  # leaves that one compiled program serves
-        for i, (array, perm, dtype) in enumerate(self._pending):
-            key = (next(iter(array.devices())), array.shape, array.dtype, perm, np.dtype(dtype).name)
+        groups: dict[tuple, list[int]] = {}  # leaves that one compiled program serves (committed ones apart: jit
+        for i, (array, perm, dtype) in enumerate(self._pending):  # commits every output when an input is)
+            key = (next(iter(array.devices())), array.committed, array.shape, array.dtype, perm, np.dtype(dtype).name)
             groups.setdefault(key, []).append(i)
         self._done = [None] * len(self._pending)
-        for (_, _, _, perm, dtype), indices in groups.items():
+        for (device, _, _, _, perm, dtype), indices in groups.items():
             for start in range(0, len(indices), CAST_CHUNK):
                 chunk = indices[start:start + CAST_CHUNK]
-                outs = _transpose_cast(tuple(self._pending[i][0] for i in chunk), perms=(perm,) * len(chunk),
-                                       dtypes=(dtype,) * len(chunk))
+                with jax.default_device(device):  # (where uncommitted leaves run: their own device)
+                    outs = _transpose_cast(tuple(self._pending[i][0] for i in chunk), perms=(perm,) * len(chunk),
+                                           dtypes=(dtype,) * len(chunk))
                 for i, out in zip(chunk, outs):
                     self._done[i] = out
         self._pending = []

@@ -12,10 +12,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+
+from .errors import UnwrappedAdapterWarning
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
@@ -131,8 +135,35 @@ class ModuleSpec:
         return slice(source.offset, min(later, default=width))
 
 
+# The module of Flax's Scope, which reads each linen module's parameters out of its parent's dict
+# (``Scope.get_variable``: ``variables[name]``). jlora.wrap hands Flax plain dicts, never an AdaptedModule, so a read
+# of an AdaptedModule from there is a model run without wrap: the adapter is ignored (see AdaptedModule.__getitem__).
+_FLAX_SCOPE = "flax.core.scope"
+# packages whose frames the warning skips, so that it points at the caller's own line
+_LIBRARIES = frozenset({"flax", "jax", "jaxlib", "transformers", "jlora", "optax", "contextlib", "functools"})
+UNWRAPPED_MESSAGE = (
+    "jlora: a Flax model read its parameters straight from a LoRA tree (the output of jlora.load or jlora.init), "
+    "so it runs the base weights and the adapter has no effect. Run it through jlora.wrap: "
+    "jax.jit(jlora.wrap(model.__call__))(ids, params=lora_params), or jlora.wrap(module.apply)("
+    "{'params': lora_params}, x) for a linen module; or pass jlora.merge(lora_params), the plain tree with the "
+    "adapter folded in.")
+
+
+def _warn_unwrapped() -> None:
+    """Warn (:data:`UNWRAPPED_MESSAGE`) at the first caller frame outside Flax, jax, transformers and jlora: Python
+    shows it once per such line, not once per adapted module."""
+    frame, level = sys._getframe(1), 2  # level 2: the frame that called this function
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(UNWRAPPED_MESSAGE, UnwrappedAdapterWarning, stacklevel=level)
+
+
 class AdaptedModule(Mapping):
     """One module's parameters with its adapter tensors (see module docstring).
+
+    A Flax model that reads its parameters from an AdaptedModule directly (``model(ids, params=lora_params)``
+    without :func:`jlora.wrap`) runs the base weights: such a read issues an :class:`UnwrappedAdapterWarning`
+    (at trace time; nothing is added to the traced program, and wrap never hands Flax an AdaptedModule).
 
     Example:
         >>> q = lora_params["model"]["layers"]["0"]["self_attn"]["q_proj"]
@@ -148,7 +179,13 @@ class AdaptedModule(Mapping):
         self._aux = (tuple(self._children), spec)  # the pytree metadata, built once (jit flattens on every call)
 
     def __getitem__(self, key: str) -> Any:
-        return self._children[key]
+        value = self._children[key]
+        if sys._getframe(1).f_globals.get("__name__") == _FLAX_SCOPE and self.needs_wrap:
+            _warn_unwrapped()
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._children
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._children)
@@ -164,6 +201,13 @@ class AdaptedModule(Mapping):
         """Whether running it unmerged needs a side path: LoRA factors, lookups in a replaced embedding
         table whose tied output head keeps the base table (``BASE_TABLE``), or per-adapter replaced tensors."""
         return self.spec.has_lora or BASE_TABLE in self._children or self.per_adapter_tensors
+
+    @property
+    def needs_wrap(self) -> bool:
+        """Whether a model reading this module's parameters as they are (without :func:`jlora.wrap`) would leave
+        part of the adapter out: LoRA factors, trainable-token rows, per-adapter tensors or a base table kept for a
+        tied head. Replaced tensors alone (``modules_to_save``, biases) are read as they should be."""
+        return self.has_side_path or TOKEN_DELTA in self._children
 
     @property
     def per_adapter_tensors(self) -> bool:
