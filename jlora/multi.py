@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
-from .placement import replicated_like
+from .placement import is_committed, place_like, replicated_like
 from .merge import has_blocks
 from .targeting import module_scale
 from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
@@ -155,10 +155,10 @@ def _stack_lora(base: Mapping, names: list[str], by_name: Mapping[str, AdaptedMo
 def _placed_like(stack: np.ndarray, leaf: Any, layer_axis: int | None, replicated: bool = False) -> jax.Array:
     """``stack`` (adapters' copies of a leaf like ``leaf``, stacked as :func:`_stack_lora` does) on ``leaf``'s
     devices: a named sharding keeps each of ``leaf``'s axes sharded as it was, the adapter axis replicated
-    (everything replicated with ``replicated``)."""
+    (everything replicated with ``replicated``); committed only where ``leaf`` is (see :mod:`jlora.placement`)."""
     sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        return jnp.asarray(stack)
+    if not is_committed(leaf):
+        return place_like(stack, leaf)
     if not isinstance(sharding, NamedSharding):  # one device, or replicated over the leaf's devices
         return jax.device_put(stack, replicated_like(sharding))
     axes = list(tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec)))
@@ -353,9 +353,10 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
                                    config_json=config_json)
         dtype = node[LORA_A].dtype
         new_scale = _layers_back(scale, layer_axis) if layer_axis is not None else scale.reshape(-1)[0]
-        return AdaptedModule({**node.base_children(), LORA_A: jnp.asarray(_layers_back(a_new, layer_axis), dtype),
-                              LORA_B: jnp.asarray(_layers_back(b_new, layer_axis), dtype),
-                              RANK_SCALE: jnp.asarray(new_scale, jnp.float32)}, spec)
+        new = {LORA_A: _layers_back(a_new, layer_axis).astype(dtype), LORA_B: _layers_back(b_new, layer_axis).astype(
+            dtype), RANK_SCALE: np.asarray(new_scale, np.float32)}
+        return AdaptedModule({**node.base_children(), **{k: _placed_as_one(v, node[k], layer_axis)
+                                                         for k, v in new.items()}}, spec)
 
     unequal: list[str] = []
     combined = jax.tree_util.tree_map(lambda x: combine(x) if isinstance(x, AdaptedModule) else x, lora_params,
@@ -363,6 +364,29 @@ def add_weighted(lora_params: Any, weights: Mapping[str, float], method: str = "
     if unequal:
         raise AdapterError("add_weighted: method 'linear' needs equal ranks in every module (PEFT's too)", unequal)
     return combined
+
+
+def _placed_as_one(value: np.ndarray, stacked: Any, layer_axis: int | None) -> jax.Array:
+    """``value``, one adapter's leaf, placed as the several-adapter leaf ``stacked`` it comes from (see
+    :func:`_placed_like`): its axes sharded as there, without the adapter axis; committed only where ``stacked`` is.
+
+    Example:
+        >>> _placed_as_one(np.zeros((32, 8), np.float32), node["lora_A"], None).shape   # node["lora_A"]: (2, 32, 4)
+        (32, 8)
+    """
+    sharding = getattr(stacked, "sharding", None)
+    if is_committed(stacked) and isinstance(sharding, NamedSharding):
+        axes = list(tuple(sharding.spec) + (None,) * (stacked.ndim - len(sharding.spec)))
+        if layer_axis is None:
+            del axes[0]
+        else:  # the moves of _layers_first, the adapter axis dropped, then _layers_back's, on the axis names
+            axes.insert(0, axes.pop(min(layer_axis, len(axes) - 1)))
+            del axes[1]
+            axes.insert(min(layer_axis, len(axes) - 1), axes.pop(0))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*axes[:value.ndim]), memory_kind=sharding.memory_kind)
+    elif is_committed(stacked):
+        sharding = replicated_like(sharding)
+    return place_like(value, stacked, sharding)
 
 
 def _source_at(spec: ModuleSpec | None, layer: int) -> FactorSource | None:
