@@ -2,7 +2,9 @@
 
 NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an adapter into the
 kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
-caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv``: it
+caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv`` (and
+every einsum-of-one-parameter module of model zoos, such as google-tunix's ``Einsum``: see
+:func:`jlora.side_paths.is_param_einsum`): it
 runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Stacked layers (a module built with ``nnx.vmap`` and run
 by ``nnx.scan``) run unmerged too: their adapter entries (and the dropout key) become ``nnx.Param``

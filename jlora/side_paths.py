@@ -304,9 +304,20 @@ def einsum_side(module, args, kwargs, y, entries, spec, ctx):
         lora = jnp.einsum(f"{x_rest}{r},{batch}{r}{''.join(outs)}->{out}", xa, _by_example(entries, spec, LORA_B, idx))
         return _finish(module, y, lora, entries, spec)
     xa = jnp.einsum(f"{x_sub},{''.join(ins)}{r}->{x_rest}{r}", x, _a(entries, spec))
-    lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
-    return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str),
-                   ctx)
+    dropped = _dropped_base(module, spec, entries, ctx, x, einsum_str=spec_str)
+    moved = "".join(c for c in out if c not in outs) + "".join(outs)
+    if moved == out or "." in out:
+        lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{out}", _scale_columns(xa, entries), _b(entries, spec))
+        return _finish(module, y, lora, entries, spec, dropped, ctx)
+    # the kernel's output axes are not the output's last ones in their kernel order (a fused kernel's part axis
+    # first, as tunix's 'BTD,SNDH->SBTNH'): _finish's per-output terms (DoRA, lora_bias) and aLoRA's per-token
+    # mask broadcast over trailing axes, so it runs with those axes moved last, and the sum is moved back
+    if dropped is None and MAGNITUDE in entries:  # (the base term, bias subtracted in the output's own layout)
+        bias = module.get_variable("params", "bias")
+        dropped = y if bias is None else y - bias
+    to_moved = lambda v: None if v is None else jnp.einsum(f"{out}->{moved}", v)  # noqa: E731
+    lora = jnp.einsum(f"{x_rest}{r},{r}{''.join(outs)}->{moved}", _scale_columns(xa, entries), _b(entries, spec))
+    return jnp.einsum(f"{moved}->{out}", _finish(module, to_moved(y), lora, entries, spec, to_moved(dropped), ctx))
 
 
 def embed_side(module, args, kwargs, y, entries, spec, ctx):  # PEFT: no dropout on embeddings
@@ -408,6 +419,30 @@ def side_for(module: nn.Module | nnx.Module, spec: ModuleSpec) -> SidePath | Non
     return side_path_for(module)
 
 
+def is_param_einsum(module: object) -> bool:
+    """Whether ``module`` is an NNX einsum of its input with its one parameter, by its structure: a string
+    ``einsum_str`` attribute of two operands and one output, and exactly one ``nnx.Param`` with as many axes as the
+    equation's second operand (the ``Einsum`` classes of model zoos such as google-tunix's, parameter ``w``,
+    called as ``module(x)``). Such a module runs :func:`einsum_side` like ``nnx.Einsum``.
+
+    Args:
+        module: any object (linen modules and non-modules answer False).
+
+    Returns:
+        True for such a module.
+
+    Example:
+        >>> is_param_einsum(tunix_llama.layers[0].attn.q_proj)   # einsum_str "BTD,DNH->BTNH", w (D, N, H)
+        True
+    """
+    equation = getattr(module, "einsum_str", None) if isinstance(module, nnx.Module) else None
+    if not isinstance(equation, str) or equation.count("->") != 1 or equation.split("->")[0].count(",") != 1:
+        return False
+    params = jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))
+    kernel_axes = equation.replace(" ", "").split("->")[0].split(",")[1]
+    return len(params) == 1 and "." not in kernel_axes and getattr(params[0], "ndim", -1) == len(kernel_axes)
+
+
 def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
     """The side path for ``module``'s class (linen, or NNX through :func:`jlora.nnx_model`), or None when it
     has none (the caller then merges)."""
@@ -417,7 +452,7 @@ def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
         return None if module.batch_dims else dense_general_side
     if isinstance(module, nnx.LinearGeneral):
         return None if module.batch_axis else dense_general_side
-    if isinstance(module, (nn.Einsum, nnx.Einsum)):
+    if isinstance(module, (nn.Einsum, nnx.Einsum)) or is_param_einsum(module):
         return einsum_side
     if isinstance(module, (nn.Embed, nnx.Embed)):
         return embed_side

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("arrow_routing.py", []),
     ("layer_replication.py", []),
     ("kasa.py", []),
+    ("tunix_llama.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
