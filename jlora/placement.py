@@ -231,8 +231,8 @@ def to_device(host: np.ndarray, sharding: Sharding, dtype: Any = None,
         array = jax.make_array_from_callback(host.shape, sharding, shard, dtype=moved)
         return array if moved == dtype else array.astype(dtype)
     (device,) = sharding.device_set
-    with jax.default_device(device):  # (the cast runs there too: uncommitted operands go to the default device)
-        array = put_uncommitted(shard(None), device)
+    with jax.default_device(device):  # uncommitted there (the cast too: uncommitted operands go to the default device)
+        array = jax.device_put(shard(None))
         return array if moved == dtype else array.astype(dtype)
 
 

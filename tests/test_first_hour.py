@@ -3,18 +3,23 @@ path pays nothing for that check), and the README's training loop compiles its s
 are committed to a device only where their base leaves are (or where ``device=`` / ``sharding=`` ask for it)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 import jlora
+from jlora import placement
 from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 from jlora.merge import merged_module
 from jlora.tree import AdaptedModule, adapted_modules, map_adapted
@@ -211,6 +216,22 @@ def test_new_leaves_are_committed_as_their_base_leaves(model, adapter, tmp_path,
             assert committedness(tree) == want, what
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host transposes", "device transposes"])
+def test_cast_and_transposed_leaves_keep_their_bases_committedness(on_device, monkeypatch):
+    """A bfloat16 file's transposed tensor, cast and transposed in Placer.finish: beside an uncommitted and a
+    committed base in one load, each comes out as its base is (one compiled cast would commit both)."""
+    monkeypatch.setattr(placement, "transposes_on_device", lambda device: on_device)
+    host = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16).T
+    bases = {False: jnp.zeros((4, 3)), True: jax.device_put(jnp.zeros((4, 3)), jax.devices()[0])}
+    placer = placement.Placer()
+    placed = {c: placer.put(host, np.float32, path=("m", str(c)), base=b, axes=(0, 1)) for c, b in bases.items()}
+    placer.finish()
+    for committed, value in placed.items():
+        out = placer.resolve(value)
+        assert out.committed == committed and out.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(out), host.astype(np.float32))
+
+
 def test_device_and_sharding_arguments_commit(model, adapter):
     device = jax.devices()[0]
     for kwargs in ({"device": device}, {"sharding": "replicated"},
@@ -221,3 +242,38 @@ def test_device_and_sharding_arguments_commit(model, adapter):
             assert not node["kernel"].committed  # the base leaves are the caller's, untouched
     lp = jlora.load(model.params, adapter, sharding=lambda path, leaf: None)  # None keeps the derived placement
     assert committedness(lp) == {False}
+
+
+SHARDED_ADD_WEIGHTED = '''
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jlora
+from adapter_files import llama_like_params, llama_lora_tensors, write_adapter
+from jlora.tree import adapted_modules
+from pathlib import Path
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+params = llama_like_params()
+sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data", "model"))), params)
+config = lambda r: {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+sources = {"a": write_adapter(Path(sys.argv[1]) / "a", config(4), llama_lora_tensors(r=4)),
+           "b": write_adapter(Path(sys.argv[1]) / "b", config(2), llama_lora_tensors(r=2, seed=1))}
+single = jlora.load(sharded, sources["a"])
+for method in ("cat", "svd"):
+    blend = jlora.add_weighted(jlora.load(sharded, sources), {"a": 0.7, "b": 0.3}, method=method)
+    for (path, node), (_, one) in zip(adapted_modules(blend), adapted_modules(single)):
+        for key in ("lora_A", "lora_B", "lora_scale"):
+            assert node[key].committed, (method, path, key)
+            assert node[key].sharding.is_equivalent_to(one[key].sharding, node[key].ndim), (method, path, key)
+print("OK")
+'''
+
+
+def test_add_weighted_keeps_a_sharded_trees_shardings(tmp_path):
+    """On a 2x4 mesh (8 host devices, in a subprocess): add_weighted's factors take the single adapter's derived
+    shardings (they were uncommitted single-device arrays beside a sharded base before)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_ADD_WEIGHTED, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
