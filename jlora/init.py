@@ -110,7 +110,7 @@ def _magnitude(placement, weight: np.ndarray, a: np.ndarray, b: np.ndarray, scal
     return placement.magnitude_to_torch(norm.reshape(w.shape[placement.in_ndim:])).astype(np.float32)
 
 
-def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "hf", dtype: Any = None,
+def init(params: Mapping, config: LoraConfig, *, key: jax.Array, layout: Any = "auto", dtype: Any = None,
          module_names: Sequence[str] | None = None) -> dict:
     """A fresh adapter described by ``config`` on ``params`` (see module docstring).
 

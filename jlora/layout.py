@@ -442,6 +442,12 @@ class Layout:
             return "weight", kernel_to_torch_weight
         if flax_key in ("embedding", "scale"):
             return "weight", np.asarray
+        if flax_key == "input_embedding":  # the "tunix" layout's leaves (jlora.save reads trees without their
+            return "weight", np.asarray        # layout): the embedding table, and a head's or a norm's ``w``
+        if flax_key == "w":
+            from .tunix_layout import w_leaf_to_torch_weight  # (a 2-D head transposed, a 1-D norm as it is)
+
+            return "weight", w_leaf_to_torch_weight
         return flax_key, np.asarray
 
     def report_unused(self, names: Sequence[str]) -> list[Rule]:
@@ -642,17 +648,25 @@ class HfLayout(Layout):
 
 
 def get_layout(layout: Any) -> Layout:
-    """The layout object for ``layout`` ("hf", "torch" or a :class:`Layout`)."""
+    """The layout object for ``layout`` ("auto", "hf", "tunix", "maxtext", "torch" or a :class:`Layout`)."""
+    if isinstance(layout, str) and layout == "auto":
+        from .auto_layout import AutoLayout  # tries the built-in layouts below
+
+        return AutoLayout()
     if isinstance(layout, str) and layout == "hf":
         return HfLayout()
     if isinstance(layout, str) and layout == "torch":
         from .torch_layout import TorchLayout  # a variant of HfLayout, in its own file
 
         return TorchLayout()
+    if isinstance(layout, str) and layout == "tunix":
+        from .tunix_layout import TunixLayout  # google-tunix's NNX models, in their own file
+
+        return TunixLayout()
     if isinstance(layout, str) and (layout == "maxtext" or layout.startswith("maxtext:")):
         from .maxtext_layout import maxtext_layout  # MaxText's converted checkpoints, in their own file
 
         return maxtext_layout(layout)
     if isinstance(layout, Layout):
         return layout
-    raise AdapterError(f"unknown layout {layout!r}; use 'hf', 'torch' or a jlora.Layout")
+    raise AdapterError(f"unknown layout {layout!r}; use 'auto', 'hf', 'tunix', 'maxtext', 'torch' or a jlora.Layout")

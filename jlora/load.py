@@ -39,7 +39,7 @@ def _check_dtypes(tensors: Mapping[str, np.ndarray], source: str) -> None:
         raise CheckpointError(f"{source}: adapter tensors must be floating point", problems)
 
 
-def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], *, layout: Any = "hf",
+def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], *, layout: Any = "auto",
           dtype: Any = None, source: str = WEIGHTS_NAME, allow_nonfinite: bool = False,
           device: jax.Device | None = None, sharding: ShardingArg = None, pad_rank: int | None = None) -> dict:
     """Place an adapter given as a config and ``{peft key: array}`` onto ``params`` (see :func:`load`
@@ -67,7 +67,7 @@ def load(
     subfolder: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
-    layout: Any = "hf",
+    layout: Any = "auto",
     dtype: Any = None,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
@@ -86,6 +86,10 @@ def load(
     the adapter's two files are downloaded, into the Hugging Face cache (``HF_HUB_OFFLINE=1`` uses
     the cache alone). An adapter that only has the pickled ``adapter_model.bin`` is refused unless
     ``allow_pickle=True``, which reads it with ``torch.load(weights_only=True)`` (needs torch).
+
+    Layout: where each PEFT module lands in the tree. ``"auto"`` (the default) tries the built-in layouts
+    (transformers' Flax naming ``"hf"``, ``"tunix"``, ``"maxtext"``) and takes the first that places every
+    module; name one, ``"torch"`` for PyTorch state dicts, or pass a :class:`jlora.Layout` of your own.
 
     Placement: each new leaf is read from the memory-mapped file straight into the devices that
     hold it. By default its sharding follows its base leaf (``lora_A`` the kernel's input axes,

@@ -195,7 +195,7 @@ def test_adapter_matches_peft(case, archs, plain_forward, tmp_path):
     base = _torch_logits(arch.torch_base, arch)
     assert rel_err(base, want) > 100 * TOL  # the adapter moves the logits
 
-    lora_params = jlora.load(arch.state, tmp_path / "adapter", layout="tunix")
+    lora_params = jlora.load(arch.state, tmp_path / "adapter")  # layout="auto" finds the tunix layout
     assert rel_err(_unmerged(arch, lora_params), want) <= TOL
     merged = _plain(plain_forward, arch, jlora.merge(lora_params))
     assert rel_err(merged, want) <= TOL
@@ -209,7 +209,7 @@ def test_pure_dict_and_state_load_alike(archs, tmp_path):
     arch = archs("gemma3_kv")
     _adapter(arch, tmp_path / "adapter", dict(r=2, target_modules=["q_proj", "k_proj", "v_proj"]), seed=7)
     from_state = jlora.load(arch.state, tmp_path / "adapter", layout="tunix")
-    from_dict = jlora.load(nnx.to_pure_dict(arch.state), tmp_path / "adapter", layout="tunix")
+    from_dict = jlora.load(nnx.to_pure_dict(arch.state), tmp_path / "adapter")  # layout="auto"
     kv = from_dict["layers"][1]["attn"]["kv_einsum"]
     assert kv["lora_A"].shape == (32, 4) and kv["lora_B"].shape == (4, 2, 2, 8)  # (D, r_k + r_v), (r, part, K, H)
     for a, b in zip(jax.tree_util.tree_leaves(from_state), jax.tree_util.tree_leaves(from_dict)):

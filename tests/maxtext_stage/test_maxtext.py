@@ -71,9 +71,9 @@ def test_base_logits(converted):
 
 @pytest.mark.parametrize("case", CASES)
 def test_adapter_logits(converted, case):
-    """jlora.load(layout="maxtext") + jlora.wrap(model.apply) under jit gives PEFT's unmerged logits."""
+    """jlora.load (layout="auto" finds "maxtext") + jlora.wrap(model.apply) under jit gives PEFT's unmerged logits."""
     family, folder, forward, _, tree = converted
-    lora_params = jlora.load(tree["params"], str(folder / case / "adapter"), layout="maxtext")
+    lora_params = jlora.load(tree["params"], str(folder / case / "adapter"))
     _close(jax.jit(jlora.wrap(forward))({"params": lora_params}), np.load(folder / case / "logits.npy"),
            PEFT_ATOL[family])
 
