@@ -80,7 +80,21 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}"[:500])
     data_len = size - 8 - n
-    problems, spans = [], []
+    problems, past_end = _check_entries(header, data_len)
+    if problems:
+        raise CheckpointError(f"{path}: invalid safetensors header", problems + [
+            f"{len(past_end)} more tensors end past the file's {data_len} data bytes (truncated?)"] * bool(past_end))
+    if past_end:
+        raise CheckpointError(f"{path}: truncated: the header's tensors need {max(past_end)} data bytes, the file "
+                              f"holds {data_len} ({len(past_end)} of {len(header)} tensors do not fit); download or "
+                              "copy it again")
+    return header, metadata, 8 + n
+
+
+def _check_entries(header: dict, data_len: int) -> tuple[list[str], list[int]]:
+    """Every problem of the header's tensor entries in ``data_len`` data bytes, and apart from them the end
+    offsets of well-formed entries that lie past the data (a truncated file)."""
+    problems, spans, past_end = [], [], []
     for key, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
@@ -97,18 +111,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
             problems.append(f"{key!r}: shape {list(shape)} is too large")
             continue
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+        if 0 <= begin and data_len < end and end - begin == nbytes:
+            past_end.append(end)
+        elif not 0 <= begin <= end <= data_len or end - begin != nbytes:
             problems.append(f"{key!r}: data_offsets {[begin, end]} do not fit shape {list(shape)} "
                             f"{entry['dtype']} in {data_len} data bytes")
-            continue
-        spans.append((begin, end, key))
+        else:
+            spans.append((begin, end, key))
     spans.sort()
     for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.append(f"{k0!r} and {k1!r} overlap in the file")
-    if problems:
-        raise CheckpointError(f"{path}: invalid safetensors header", problems)
-    return header, metadata, 8 + n
+    return problems, past_end
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

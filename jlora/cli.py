@@ -1,7 +1,9 @@
 """The ``jlora`` command line: ``jlora inspect`` and ``jlora merge`` (no torch needed for either).
 
 Bad input (any :class:`jlora.AdapterError`) prints the message on stderr and exits with status 2;
-other I/O failures exit with 1.
+other I/O failures exit with 1. Messages go through logging (the ``jlora`` loggers), one ``jlora COMMAND: error: ...``
+or ``jlora COMMAND: warning: ...`` line each (Python warnings raised during the run included, without their
+source lines); the handler and ``warnings.showwarning`` are set for the run only.
 
 Example:
     $ jlora inspect user/my-adapter --json
@@ -10,10 +12,18 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 from .errors import AdapterError
+
+LOGGER = logging.getLogger("jlora.cli")
+_PACKAGE = Path(__file__).resolve().parent
 
 SOURCE_HELP = "a local folder or a Hugging Face Hub repo id (user/repo)"
 EPILOG = ("Hub access uses huggingface_hub: the token from `hf auth login` or HF_TOKEN, the cache in HF_HOME, "
@@ -76,6 +86,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TerminalFormatter(logging.Formatter):
+    """``prog: warning: message`` (the level's name, or a record's ``label``: ``failed``, none), without a
+    leading ``prog:`` the message already has."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage().removeprefix(f"{self.prog}: ")
+        label = getattr(record, "label", record.levelname.lower())
+        return f"{self.prog}: {label}: {text}" if label else f"{self.prog}: {text}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the CLI: one logged line; jlora's own warnings as their message alone,
+    others' with their category and place (no source line)."""
+    text = str(message)
+    if not Path(filename).resolve().is_relative_to(_PACKAGE) and not text.startswith("jlora"):
+        text += f" [{category.__name__}, {Path(filename).name}:{lineno}]"
+    LOGGER.warning(text)
+
+
+@contextlib.contextmanager
+def _terminal_messages(prog: str) -> Iterator[None]:
+    """For one run: the ``jlora`` loggers' warnings and errors go to stderr as ``prog: level: message``, and
+    so do Python warnings; all is put back afterwards (library users keep normal warnings and logging)."""
+    root = logging.getLogger("jlora")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_TerminalFormatter(prog))
+    saved = root.level, root.propagate
+    root.setLevel(logging.WARNING)
+    root.propagate = False
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():  # restores warnings.showwarning and the filters on exit
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``jlora`` with ``argv`` (default: the command line); the exit status.
 
@@ -84,17 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AdapterError as err:
-        print(f"jlora {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"jlora {args.command}: failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"jlora {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _terminal_messages(f"jlora {args.command}"):
+        try:
+            return args.func(args)
+        except AdapterError as err:
+            LOGGER.error(str(err))
+            return 2
+        except OSError as err:
+            LOGGER.error(str(err), extra={"label": "failed"})
+            return 1
+        except KeyboardInterrupt:
+            LOGGER.error("interrupted", extra={"label": ""})
+            return 130
 
 
 def run() -> None:

@@ -8,11 +8,21 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import difflib
+import itertools
 import os
+import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from .errors import SourceError
+
+PROBE_TTL_S = 30.0  # how long one answer to "can the Hub be reached?" is reused
+_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, why unreachable or None)
+_probes_lock = threading.Lock()
 
 
 def _local_dir(source: str | os.PathLike, subfolder: str | None) -> Path | None:
@@ -56,6 +66,8 @@ def file_exists(
     local = _local_dir(source, subfolder)
     if local is not None:
         return (local / filename).is_file()
+    if isinstance(source, os.PathLike):  # a Path names a local folder, never a Hub repo
+        return False
     import huggingface_hub
 
     path = f"{subfolder}/{filename}" if subfolder else filename
@@ -63,6 +75,8 @@ def file_exists(
         cached = huggingface_hub.try_to_load_from_cache(str(source), path, cache_dir=cache_dir, revision=revision)
         if isinstance(cached, str):
             return True
+        if _offline() or unreachable_reason() is not None:
+            return False
         return bool(huggingface_hub.file_exists(str(source), path, revision=revision, token=token))
     except Exception:  # noqa: BLE001 - offline, unreachable, invalid id, gated...: the file is not available
         return False
@@ -88,8 +102,7 @@ def resolve_file(
         if not path.is_file():
             raise SourceError(f"{path}: file not found in the adapter folder")
         return path
-    return _download(str(source), filename, revision=revision, subfolder=subfolder, token=token,
-                     cache_dir=cache_dir)
+    return _download(source, filename, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
 
 
 def _offline() -> bool:
@@ -99,12 +112,12 @@ def _offline() -> bool:
     return bool(is_offline() if is_offline else constants.HF_HUB_OFFLINE)
 
 
-def _download(repo_id: str, filename: str, **kwargs) -> Path:
+def _download(source: str | os.PathLike, filename: str, **kwargs) -> Path:
     """``hf_hub_download`` with every failure turned into a SourceError that says what to do."""
     import huggingface_hub
 
-    with _hub_errors(repo_id, filename, kwargs.get("revision"), kwargs.get("subfolder")):
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
+    with _hub_errors(source, filename, kwargs.get("revision"), kwargs.get("subfolder")) as cache_only:
+        return Path(huggingface_hub.hf_hub_download(str(source), filename, local_files_only=cache_only, **kwargs))
 
 
 def resolve_folder(
@@ -127,53 +140,168 @@ def resolve_folder(
         return root
     import huggingface_hub
 
-    with _hub_errors(str(source), "the repo's files", revision, None):
+    with _hub_errors(source, "the repo's files", revision, None) as cache_only:
         return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
-                                                      cache_dir=cache_dir, ignore_patterns=ignore_patterns))
+                                                      cache_dir=cache_dir, ignore_patterns=ignore_patterns,
+                                                      local_files_only=cache_only))
+
+
+ID_RULE = "a Hub repo id is 'name' or 'owner/name': letters, digits, '-', '_' and '.'"
+
+
+def local_hint(source: str | os.PathLike) -> str:
+    """What the disk says about a ``source`` that is not a local folder, for error messages: "no local
+    folder 'x' (cwd /here; did you mean 'y'?)", or that ``source`` is a file.
+
+    Example:
+        >>> local_hint("llama/adaptr")
+        "no local folder 'llama/adaptr' (cwd /home/me; did you mean 'llama/adapter'?)"
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return f"{str(source)!r} is a file, not a folder (pass the folder that holds it)"
+    notes = []
+    if not path.is_absolute():
+        with contextlib.suppress(OSError):
+            notes.append(f"cwd {Path.cwd()}")
+    guess = _close_folder(path)
+    if guess:
+        notes.append(f"did you mean {guess!r}?")
+    return f"no local folder {str(source)!r}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _close_folder(path: Path) -> str | None:
+    """An existing folder spelt like ``path`` but for one component (difflib's close match), or None."""
+    base = Path(path.anchor) if path.is_absolute() else Path(".")
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    for i, part in enumerate(parts):
+        if (base / part).is_dir():
+            base = base / part
+            continue
+        try:
+            with os.scandir(base) as entries:
+                names = [e.name for e in itertools.islice(entries, 5000) if e.is_dir()]
+        except OSError:
+            return None
+        match = difflib.get_close_matches(part, names, n=1, cutoff=0.75)
+        guess = base.joinpath(match[0], *parts[i + 1:]) if match else None
+        return str(guess) if guess is not None and guess.is_dir() else None
+    return None
+
+
+def _check_repo_id(source: str | os.PathLike) -> None:
+    """A source that cannot be a Hub repo id (a Path object, an absolute or ``./`` path, ...) is a missing
+    local folder: say so now, without asking the Hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    hint = local_hint(source)
+    if isinstance(source, os.PathLike):
+        raise SourceError(hint)
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        if Path(source).expanduser().exists():
+            raise SourceError(hint) from None
+        raise SourceError(f"{source!r} is neither a local folder nor a valid Hub repo id ({ID_RULE}): "
+                          f"{hint}") from None
+
+
+def unreachable_reason() -> str | None:
+    """Why the Hub (``HF_ENDPOINT``) cannot be reached, or None when it answers at all: one HEAD request
+    (timeout ``HF_HUB_ETAG_TIMEOUT``), its answer reused for ``PROBE_TTL_S`` seconds. When it cannot,
+    jlora reads the local cache only instead of sitting through huggingface_hub's retries (~25 s).
+
+    Example:
+        >>> unreachable_reason()
+        "cannot resolve huggingface.co"
+    """
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    with _probes_lock:
+        seen = _probes.get(endpoint)
+    if seen is not None and time.monotonic() - seen[0] < PROBE_TTL_S:
+        return seen[1]
+    why = _probe(endpoint, float(constants.HF_HUB_ETAG_TIMEOUT))
+    with _probes_lock:
+        _probes[endpoint] = (time.monotonic(), why)
+    return why
+
+
+def _probe(endpoint: str, timeout: float) -> str | None:
+    """One HEAD request to ``endpoint`` through huggingface_hub's own HTTP session (its proxies, certificates
+    and client factory): None if anything answers, else why not in a few words."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - requests' or httpx's errors, by huggingface_hub version
+        host = urlsplit(endpoint).hostname or endpoint
+        text = f"{type(err).__name__}: {err}"
+        for pattern, why in ((r"(?i)proxy", f"proxy error ({text[:160]})"),
+                             (r"(?i)resolve|name or service not known|nodename nor servname|getaddrinfo|"
+                              r"name resolution", f"cannot resolve {host}"),
+                             (r"(?i)refused", f"connection to {host} refused"),
+                             (r"(?i)timed? ?out", f"no answer from {host} within {timeout:g} s"),
+                             (r"(?i)ssl|certificate", f"TLS error ({text[:160]})")):
+            if re.search(pattern, text):
+                return why
+        return text.splitlines()[0][:200]
+    return None
 
 
 @contextlib.contextmanager
-def _hub_errors(repo_id: str, filename: str, revision: str | None, subfolder: str | None) -> Iterator[None]:
-    """Turn every failure of a huggingface_hub download into a SourceError that says what to do."""
+def _hub_errors(source: str | os.PathLike, filename: str, revision: str | None,
+                subfolder: str | None) -> Iterator[bool]:
+    """Turn every failure of a huggingface_hub download into a SourceError that says what to do. Yields
+    whether to read the local cache only (offline, or the Hub cannot be reached: no retry loop)."""
+    _check_repo_id(source)
+    why = None if _offline() else unreachable_reason()
+    try:
+        yield why is not None
+    except SourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the HTTP client's own errors (requests, httpx) differ by version
+        message, chain = _hub_failure(err, str(source), filename, revision, subfolder, why)
+        raise SourceError(message) from (err if chain else None)
+
+
+def _hub_failure(err: Exception, repo_id: str, filename: str, revision: str | None, subfolder: str | None,
+                 why: str | None) -> tuple[str, bool]:
+    """The message for a failed Hub download, and whether to chain ``err`` to it."""
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     sub = f" in subfolder {subfolder!r}" if subfolder else ""
-    try:
-        yield
-    except hf_errors.HFValidationError as err:
-        raise SourceError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({err})") from None
-    except hf_errors.GatedRepoError:
-        raise SourceError(f"Hub repo {where} is gated: accept its terms on the Hub and log in "
-                          "(`hf auth login`) or pass token=...") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise SourceError(f"Hub repo {where} not found (and there is no local folder of that name), or it is "
-                          "private and no valid token was sent: check the id, log in (`hf auth login`) or pass "
-                          "token=...") from None
-    except hf_errors.RevisionNotFoundError:
-        raise SourceError(f"revision {revision!r} not found in Hub repo {repo_id!r}: check the branch, tag or "
-                          "commit id") from None
-    except hf_errors.LocalEntryNotFoundError:
+    if isinstance(err, hf_errors.HFValidationError):
+        return f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({ID_RULE}): {local_hint(repo_id)}", False
+    if isinstance(err, hf_errors.GatedRepoError):
+        return (f"Hub repo {where} is gated: accept its terms on the Hub and log in (`hf auth login`) or pass "
+                "token=..."), False
+    if isinstance(err, hf_errors.RepositoryNotFoundError):
+        return (f"{local_hint(repo_id)}, and Hub repo {where} was not found, or it is private and no valid token "
+                "was sent: check the id and the path, log in (`hf auth login`) or pass token=..."), False
+    if isinstance(err, hf_errors.RevisionNotFoundError):
+        return f"revision {revision!r} not found in Hub repo {repo_id!r}: check the branch, tag or commit id", False
+    if isinstance(err, hf_errors.LocalEntryNotFoundError):
         if _offline():
-            raise SourceError(f"{filename} of {where}{sub} is not in the local Hugging Face cache and "
-                              "HF_HUB_OFFLINE is set: go online once (unset HF_HUB_OFFLINE) to download it, or "
-                              "pass a local folder") from None
-        raise SourceError(f"the Hub could not be reached for {filename} of {where}{sub} and it is not in the "
-                          "local cache: check your network connection (and HF_ENDPOINT) and retry") from None
-    except hf_errors.EntryNotFoundError:
+            return (f"{local_hint(repo_id)}, and {filename} of Hub repo {where}{sub} is not in the local Hugging "
+                    "Face cache while HF_HUB_OFFLINE is set: go online once (unset HF_HUB_OFFLINE) to download "
+                    "it, or pass a local folder"), False
+        return (f"{local_hint(repo_id)}, and the Hub ({constants.ENDPOINT}) could not be reached"
+                f"{f' ({why})' if why else ''} for {filename} of {where}{sub}, which is not in the local cache "
+                "either: check the path, or your network connection (and HF_ENDPOINT) and retry"), False
+    if isinstance(err, hf_errors.EntryNotFoundError):
         kind = " is it a PEFT adapter repo?" if filename.startswith("adapter_") else ""
-        raise SourceError(f"{filename} not found in Hub repo {where}{sub}:{kind} Check the id, revision and "
-                          "subfolder") from None
-    except hf_errors.HfHubHTTPError as err:
+        return f"{filename} not found in Hub repo {where}{sub}:{kind} Check the id, revision and subfolder", False
+    if isinstance(err, hf_errors.HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
-            raise SourceError(f"the Hub refused access to {where} (HTTP {status}): the token is invalid or lacks "
-                              "access to this repo; log in again (`hf auth login`) or pass a valid token=...") from None
+            return (f"the Hub refused access to {where} (HTTP {status}): the token is invalid or lacks access to "
+                    "this repo; log in again (`hf auth login`) or pass a valid token=..."), False
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SourceError(f"downloading {filename} from {where} failed ({first}): retry later") from None
-    except SourceError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the HTTP client's own errors (requests, httpx) differ by version
-        raise SourceError(f"downloading {filename} from {where} failed ({type(err).__name__}: {err}); the "
-                          "connection was interrupted or the Hub did not answer: check your network "
-                          "connection and retry") from err
+        return f"downloading {filename} from {where} failed ({first}): retry later", False
+    return (f"downloading {filename} from {where} failed ({type(err).__name__}: {err}); the connection was "
+            "interrupted or the Hub did not answer: check your network connection and retry"), True

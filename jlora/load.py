@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,21 @@ def _check_dtypes(tensors: Mapping[str, np.ndarray], source: str) -> None:
         raise CheckpointError(f"{source}: adapter tensors must be floating point", problems)
 
 
+def _refuse_model_object(params: Any, fn: str) -> None:
+    """A transformers Flax model (``FlaxLlamaForCausalLM``...: not a mapping, with ``.params`` and ``.config``)
+    passed where its parameter tree belongs: say to pass ``model.params``. NNX modules are left alone."""
+    missing = object()  # getattr_static: transformers' params property raises for models made with _do_init=False
+    if isinstance(params, Mapping) or any(inspect.getattr_static(params, a, missing) is missing
+                                          for a in ("params", "config")):
+        return
+    if any(c.__module__.startswith("flax.nnx") for c in type(params).__mro__):
+        return
+    name = type(params).__name__
+    raise AdapterError(f"{fn}: params is a {name} model object, not its parameter tree: pass "
+                       f"jlora.{fn}(model.params, ...) (a model made with _do_init=False: the params "
+                       "from_pretrained returned with it)")
+
+
 def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], *, layout: Any = "auto",
           dtype: Any = None, source: str = WEIGHTS_NAME, allow_nonfinite: bool = False,
           device: jax.Device | None = None, sharding: ShardingArg = None, pad_rank: int | None = None) -> dict:
@@ -48,6 +64,7 @@ def place(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray]
     Example:
         >>> lp = jlora.place(params, LoraConfig(r=4, target_modules=["q_proj"]), tensors)
     """
+    _refuse_model_object(params, "place")
     params = as_param_tree(params)
     check_depth(params, config.layer_replication)
     placer = Placer(device=device, sharding=sharding, check_finite=not allow_nonfinite, source=source)
@@ -111,6 +128,7 @@ def load(
         >>> lp = jlora.load(sharded_params, "adapter_dir", sharding="replicated")
         >>> lp = jlora.load(model.params, "adapter_r8", pad_rank=64)   # same shapes as any r <= 64 adapter
     """
+    _refuse_model_object(params, "load")
     if isinstance(source, Mapping):
         if not source:
             raise AdapterError("load: the dict of adapter sources is empty")

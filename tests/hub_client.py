@@ -2,11 +2,13 @@
 huggingface_hub reads once, at import) take effect. Used by test_hub.py; no torch, no transformers.
 
 Usage: ``python hub_client.py CALLS.json RESULTS.json``; CALLS is a list of
-``{"id": ..., "fn": "load" | "config" | "merge" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps each id to
+``{"id": ..., "fn": "load" | "config" | "merge" | "inspect" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps each id to
 ``{"ok": true, ...summary}`` or ``{"ok": false, "type": ..., "adapter_error": bool, "message": ...}``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -47,6 +49,16 @@ def run(call: dict) -> dict:
             if code:
                 return {"ok": False, "type": "exit status", "adapter_error": code == 2, "source_error": False,
                         "message": f"exit status {code}"}
+        elif fn == "inspect":  # the command line, as a user runs it: what it prints on stderr is the message
+            from jlora.cli import main as cli
+
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                code = cli(["inspect", call["source"]])
+            if code:
+                return {"ok": False, "type": "exit status", "code": code, "adapter_error": code == 2,
+                        "source_error": False, "message": stderr.getvalue()}
+            out = {"code": code}
         elif fn == "config":
             out = {"r": jlora.LoraConfig.from_pretrained(call["source"], **kwargs).r}
         else:
