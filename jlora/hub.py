@@ -195,16 +195,15 @@ def _check_repo_id(source: str | os.PathLike) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    hint = local_hint(source)
     if isinstance(source, os.PathLike):
-        raise SourceError(hint)
+        raise SourceError(local_hint(source))
     try:
         validate_repo_id(source)
     except HFValidationError:
         if Path(source).expanduser().exists():
-            raise SourceError(hint) from None
+            raise SourceError(local_hint(source)) from None
         raise SourceError(f"{source!r} is neither a local folder nor a valid Hub repo id ({ID_RULE}): "
-                          f"{hint}") from None
+                          f"{local_hint(source)}") from None
 
 
 def unreachable_reason() -> str | None:
@@ -276,7 +275,8 @@ def _hub_failure(err: Exception, repo_id: str, filename: str, revision: str | No
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     sub = f" in subfolder {subfolder!r}" if subfolder else ""
     if isinstance(err, hf_errors.HFValidationError):
-        return f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({ID_RULE}): {local_hint(repo_id)}", False
+        return (f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({ID_RULE}): "
+                f"{local_hint(repo_id)}"), False
     if isinstance(err, hf_errors.GatedRepoError):
         return (f"Hub repo {where} is gated: accept its terms on the Hub and log in (`hf auth login`) or pass "
                 "token=..."), False

@@ -2,8 +2,8 @@
 huggingface_hub reads once, at import) take effect. Used by test_hub.py; no torch, no transformers.
 
 Usage: ``python hub_client.py CALLS.json RESULTS.json``; CALLS is a list of
-``{"id": ..., "fn": "load" | "config" | "merge" | "inspect" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps each id to
-``{"ok": true, ...summary}`` or ``{"ok": false, "type": ..., "adapter_error": bool, "message": ...}``.
+``{"id": ..., "fn": "load" | "config" | "merge" | "inspect" | "heal", "source": ..., "kwargs": {...}}``; RESULTS maps
+each id to ``{"ok": true, ...summary}`` or ``{"ok": false, "type": ..., "adapter_error": bool, "message": ...}``.
 """
 from __future__ import annotations
 
