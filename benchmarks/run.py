@@ -76,7 +76,7 @@ def child(name: str, quick: bool, json_out: Path, cores: int | None) -> None:
 
 GPU_SECTION = """Measured on a lent NVIDIA H200 (jax 0.11.2, bf16 Llama-shaped decoder, hidden 4096, 8 layers, r=16 on
 all 7 projections): `RESULTS-gpu.md` (tables), `DIAGNOSIS.md` (section "GPU": where the time goes),
-`diagnose-gpu-output.md` (raw output). In short: wrap/base 1.46 (T=1), 1.55 (16), 1.45 (256), 1.11 (4096)
+`diagnose/diagnose-gpu-output.md` (raw output). In short: wrap/base 1.46 (T=1), 1.55 (16), 1.45 (256), 1.11 (4096)
 against the target 1.05 (missed at every T; PEFT unmerged / torch base on the same shapes: 1.93-2.12, 1.63 at
 4096); merged/base 1.00-1.02; 16-adapter mixed batch 1.60 / 1.26x base at T=16 / 256 (target 1.10), 1.00-1.03x
 one adapter alone; load with the arrays on the GPU 4.8x the mmap-read floor, 5.1x faster than PEFT's

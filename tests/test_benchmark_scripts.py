@@ -27,5 +27,5 @@ def test_bench_gpu_tiny_runs_every_section_but_load(tmp_path):
 
 
 def test_diagnose_gpu_tiny_runs(tmp_path):
-    out = _run(["diagnose_gpu.py", "--tiny", "--tokens", "1", "--rounds", "1", "--profile"], tmp_path)
+    out = _run(["diagnose/diagnose_gpu.py", "--tiny", "--tokens", "1", "--rounds", "1", "--profile"], tmp_path)
     assert "max |concat - inline|" in out and "profile T=1 concat bf16" in out and "failed" not in out, out

@@ -1,6 +1,6 @@
 """Where the time goes for the targets benchmarks/run.py reports as missed (evidence for DIAGNOSIS.md).
 
-    python benchmarks/diagnose.py [--steady] [load] [loadfloor] [ops] [layer] [hfuse] [model] [cast] [aa] [host] [train] [profile]   (default: all)
+    python benchmarks/diagnose/diagnose.py [--steady] [load] [loadfloor] [ops] [layer] [hfuse] [model] [cast] [aa] [host] [train] [profile]   (default: all)
 
 ``--steady``: pin to one core and time with this process's CPU time (on a busy shared machine this
 removes most of the noise other processes add; ratios then describe single-threaded execution).
@@ -23,7 +23,7 @@ STEADY = "--steady" in sys.argv
 if STEADY:  # before jax/torch size their thread pools, and before common reads the clock
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
     os.environ["JLORA_BENCH_CLOCK"] = "cpu"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for common
 
 from common import fmt_ratio, fmt_time, interleaved, median_s, now, paired_ratio, table  # noqa: E402
 

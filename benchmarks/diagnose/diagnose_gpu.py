@@ -6,8 +6,8 @@ may fuse the add into the second matmul), and with ``--profile`` a device-trace 
 (kernels per call, busy time on the GPU per call, wall time per call, the costliest kernels).
 Run it under different ``XLA_FLAGS`` to see what command buffers (CUDA graphs) change.
 
-    python benchmarks/diagnose_gpu.py --profile
-    XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 python benchmarks/diagnose_gpu.py
+    python benchmarks/diagnose/diagnose_gpu.py --profile
+    XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 python benchmarks/diagnose/diagnose_gpu.py
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_gpu
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: bench_gpu, common
+import bench_gpu  # noqa: E402
 from bench_gpu import ALPHA, FULL, RANK, TARGETS, TINY, Decoder, LoraDensePrototype, flat, nest
 from common import fmt_ratio, interleaved, paired_ratio
 import jlora
