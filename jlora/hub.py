@@ -12,17 +12,12 @@ import difflib
 import itertools
 import os
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from .errors import SourceError
 
-PROBE_TTL_S = 30.0  # how long one answer to "can the Hub be reached?" is reused
-_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, why unreachable or None)
-_probes_lock = threading.Lock()
 
 
 def _local_dir(source: str | os.PathLike, subfolder: str | None) -> Path | None:
@@ -208,8 +203,8 @@ def _check_repo_id(source: str | os.PathLike) -> None:
 
 def unreachable_reason() -> str | None:
     """Why the Hub (``HF_ENDPOINT``) cannot be reached, or None when it answers at all: one HEAD request
-    (timeout ``HF_HUB_ETAG_TIMEOUT``), its answer reused for ``PROBE_TTL_S`` seconds. When it cannot,
-    jlora reads the local cache only instead of sitting through huggingface_hub's retries (~25 s).
+    (timeout ``HF_HUB_ETAG_TIMEOUT``) before a download. When it cannot, jlora reads the local cache only
+    instead of sitting through huggingface_hub's retries (~25 s).
 
     Example:
         >>> unreachable_reason()
@@ -217,15 +212,7 @@ def unreachable_reason() -> str | None:
     """
     from huggingface_hub import constants
 
-    endpoint = constants.ENDPOINT
-    with _probes_lock:
-        seen = _probes.get(endpoint)
-    if seen is not None and time.monotonic() - seen[0] < PROBE_TTL_S:
-        return seen[1]
-    why = _probe(endpoint, float(constants.HF_HUB_ETAG_TIMEOUT))
-    with _probes_lock:
-        _probes[endpoint] = (time.monotonic(), why)
-    return why
+    return _probe(constants.ENDPOINT, float(constants.HF_HUB_ETAG_TIMEOUT))
 
 
 def _probe(endpoint: str, timeout: float) -> str | None:
