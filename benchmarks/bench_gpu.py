@@ -39,8 +39,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-import jlora  # noqa: E402
 from common import aa_noise, check, fmt_ratio, interleaved, paired_ratio, table  # noqa: E402
+
+import jlora  # noqa: E402
 
 FULL = dict(hidden=4096, layers=8, intermediate=11008, heads=32, vocab=32000, tokens=(1, 16, 256, 4096))
 TINY = dict(hidden=64, layers=2, intermediate=160, heads=4, vocab=128, tokens=(1, 16, 64))

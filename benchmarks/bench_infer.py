@@ -54,6 +54,7 @@ def swap_check(flax_model, params, adapter: Path, tmp: Path, ids) -> list[list[s
     """Compile counts of one jitted wrapped forward across adapter swaps (issue 5's hot-swap target)."""
     import jax
     import peft
+
     import jlora
 
     fwd = jax.jit(jlora.wrap(lambda i, p: flax_model(i, params=p).logits))

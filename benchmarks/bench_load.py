@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SelfTimed, check, now, fmt_bytes, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
+from common import SelfTimed, check, fmt_bytes, fmt_ratio, fmt_time, interleaved, median_s, now, paired_ratio, table
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

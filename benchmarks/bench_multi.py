@@ -20,8 +20,9 @@ import numpy as np
 import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jlora  # noqa: E402
 from common import fmt_ratio, interleaved, paired_ratio, write_section  # noqa: E402
+
+import jlora  # noqa: E402
 
 
 def main() -> int:

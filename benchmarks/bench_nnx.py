@@ -23,9 +23,10 @@ from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import jlora  # noqa: E402
 from common import fmt_ratio, interleaved, paired_ratio, write_section  # noqa: E402
 from llama_variants import make_nnx_llama, nnx_logits  # noqa: E402
+
+import jlora  # noqa: E402
 
 LAYER = r"model\.layers\.(?P<layer>\d+)"
 LAYOUT = jlora.Layout([

@@ -20,7 +20,6 @@ from pathlib import Path
 from bench_infer import CPU_MODEL, build
 from common import check, fmt_bytes, fmt_ratio, fmt_time, interleaved, median_s, paired_ratio, table
 
-
 _DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([0-9, ]*)\] x \[([0-9, ]*)\].*?"
                   r": \(tensor<([0-9x]+)x(?:f32|bf16|f16)>, tensor<([0-9x]+)x(?:f32|bf16|f16)>\) -> "
                   r"tensor<([0-9x]+)x(?:f32|bf16|f16)>")

@@ -24,7 +24,6 @@ from .config import LoraConfig
 from .errors import AdapterError
 from .tree import adapted_modules
 
-
 # the offset of an example whose adapter is not an aLoRA (several adapters): every token, in any call
 EVERY_TOKEN = 2**30
 

@@ -119,7 +119,7 @@ def _check_entries(header: dict, data_len: int) -> tuple[list[str], list[int]]:
         else:
             spans.append((begin, end, key))
     spans.sort()
-    for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
+    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.append(f"{k0!r} and {k1!r} overlap in the file")
     return problems, past_end

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from .errors import SourceError
 
 
-
 def _local_dir(source: str | os.PathLike, subfolder: str | None) -> Path | None:
     root = Path(source).expanduser()
     if not root.is_dir():

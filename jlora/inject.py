@@ -19,12 +19,28 @@ from tqdm.auto import tqdm
 
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
+from .kasa import dropped_components
 from .layout import Layout
 from .placement import Placer, lora_axes
 from .spec import Target, is_trainable_param
-from .kasa import dropped_components
-from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
-                   TOKEN_DELTA, VARIANT_EXTRA, AdaptedModule, FactorSource, ModuleSpec, get_path, set_paths)
+from .tree import (
+    BASE_TABLE,
+    KASA_DOWN,
+    KASA_UP,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    TOKEN_DELTA,
+    VARIANT_EXTRA,
+    AdaptedModule,
+    FactorSource,
+    ModuleSpec,
+    get_path,
+    set_paths,
+)
 
 # PEFT role -> (jlora child key, PEFT key suffix), per kind
 _SUFFIXES = {

@@ -29,11 +29,27 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import LoraConfig
 from .errors import AdapterError, UnsupportedAdapterError
-from .placement import is_committed, place_like, replicated_like
 from .merge import has_blocks
+from .placement import is_committed, place_like, replicated_like
 from .targeting import module_scale
-from .tree import (BASE_TABLE, BY_ADAPTER, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, RANK_SCALE, TOKEN_DELTA, VARIANT_EXTRA,
-                   AdaptedModule, FactorSource, ModuleSpec, adapted_modules, get_path, is_adapter_key, set_paths)
+from .tree import (
+    BASE_TABLE,
+    BY_ADAPTER,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    RANK_SCALE,
+    TOKEN_DELTA,
+    VARIANT_EXTRA,
+    AdaptedModule,
+    FactorSource,
+    ModuleSpec,
+    adapted_modules,
+    get_path,
+    is_adapter_key,
+    set_paths,
+)
 
 
 def _replaces_base(node: AdaptedModule, base: Mapping) -> bool:
@@ -405,7 +421,8 @@ def _cat(parts, new_rank):
 
 
 def _linear(parts, new_rank):
-    a = sum(math.copysign(math.sqrt(abs(w * s.reshape(-1)[0])), w * s.reshape(-1)[0]) * p_a for w, p_a, _, s, _ in parts)
+    a = sum(math.copysign(math.sqrt(abs(w * s.reshape(-1)[0])), w * s.reshape(-1)[0]) * p_a
+            for w, p_a, _, s, _ in parts)
     b = sum(math.sqrt(abs(w * s.reshape(-1)[0])) * p_b for w, _, p_b, s, _ in parts)
     return a, b
 

@@ -26,7 +26,8 @@ then run in :meth:`Placer.finish` as jitted calls over up to ``CAST_CHUNK`` leav
 few dispatches per load instead of one per leaf, and a few small programs to compile however many leaves
 there are. (:meth:`Placer.put` hands back a placeholder that :meth:`Placer.resolve` swaps for the array;
 the moved copies and the results are held together until then.) A sharded leaf: every addressable
-device's shard is read from the host array and transposed by its copy, then cast on the devices. No other host copy is made and no process reads more than its devices' shards.
+device's shard is read from the host array and transposed by its copy, then cast on the devices. No other host copy
+is made and no process reads more than its devices' shards.
 Device arrays never alias the memory-mapped file (jax would on CPU): rewriting the file in place later
 cannot change or fault them.
 

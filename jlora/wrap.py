@@ -22,11 +22,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .merge import merged_module, plain_module, tied_head_columns
 from .errors import AdapterError
+from .merge import merged_module, plain_module, tied_head_columns
 from .side_paths import INPUT_TABLE, CallContext, fused_dense, side_for
-from .tree import (ARROW_PROTOTYPES, BASE_TABLE, BY_ADAPTER, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG,
-                   MAGNITUDE, RANK_SCALE, AdaptedModule, ModuleSpec, is_adapted, keyed)
+from .tree import (
+    ARROW_PROTOTYPES,
+    BASE_TABLE,
+    BY_ADAPTER,
+    KASA_DOWN,
+    KASA_UP,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    AdaptedModule,
+    ModuleSpec,
+    is_adapted,
+    keyed,
+)
 
 SITE_PREFIX = "__jlora_site_"
 # a stacked kernel's layer numbers, shaped to be sliced with it by a scan (per-layer dropout masks)

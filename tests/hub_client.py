@@ -16,7 +16,6 @@ import time
 import urllib.request
 
 import numpy as np
-
 from adapter_files import llama_like_params
 
 

@@ -61,7 +61,6 @@ Helpers: ``flatten_paths(tree) -> {"a/b/c": shape}``, ``head_dim(config)``.
 """
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jlora
 from peft_twin import assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, rel_err
 from test_parity_models import gpt2, llama
+
+import jlora
 
 INVOKE = [7, 9, 11]
 # the invocation in the middle, twice (the last counts), at the very start, absent, and cut off by the end

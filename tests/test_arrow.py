@@ -14,10 +14,10 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer
-
-import jlora
 from peft_twin import perturb_trainable, rel_err, saved_pair
 from test_parity_models import llama
+
+import jlora
 
 NAMES = ["task_0", "task_1", "task_2", "general_0", "general_1"]
 TARGETS = ["q_proj", "o_proj", "down_proj"]

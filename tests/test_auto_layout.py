@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from adapter_files import llama_like_params, write_adapter
 
 import jlora
-from adapter_files import llama_like_params, write_adapter
 
 
 def _tunix_like(hidden: int = 32, kv: int = 16, layers: int = 2, heads: int = 4) -> dict:

@@ -12,12 +12,19 @@ import optax
 import peft
 import pytest
 import torch
+from peft_twin import (
+    assert_runs_merges_and_saves_like_peft,
+    build_twin,
+    flax_logits_wrapped,
+    peft_loads_cleanly,
+    perturb_trainable,
+    rel_err,
+    torch_logits,
+)
 from safetensors.torch import load_file
+from test_parity_models import llama
 
 import jlora
-from peft_twin import (assert_runs_merges_and_saves_like_peft, build_twin, flax_logits_wrapped, peft_loads_cleanly,
-                       perturb_trainable, rel_err, torch_logits)
-from test_parity_models import llama
 
 BD = {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj", "up_proj"],
       "nblocks": 2}

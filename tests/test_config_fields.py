@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import peft
 import pytest
-
-import jlora
 from peft_twin import build_twin, rel_err, torch_logits
 from test_parity_models import llama
+
+import jlora
 
 # q and v get rslora scaling and a lora_bias-free plain LoRA: a null that flipped use_rslora or fan_in_fan_out to
 # anything but PEFT's reading would change the numbers.

@@ -6,9 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
+from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
 
 import jlora
-from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
 
 
 @pytest.fixture(scope="module")

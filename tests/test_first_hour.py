@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 from flax import nnx
 
 import jlora
 from jlora import placement
-from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 from jlora.merge import merged_module
 from jlora.tree import AdaptedModule, adapted_modules, map_adapted
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adapter_files import adapter_bytes, llama_like_params, llama_lora_tensors, write_adapter
+from fake_hub import FakeHub, Repo
 
 import jlora
 from jlora import cli
 from jlora.load import read_adapter
-from adapter_files import adapter_bytes, llama_like_params, llama_lora_tensors, write_adapter
-from fake_hub import FakeHub, Repo
 
 TESTS = Path(__file__).resolve().parent
 ROOT = Path(jlora.__file__).resolve().parent.parent
@@ -208,8 +208,8 @@ def test_cli_prints_warnings_as_terminal_lines_and_puts_everything_back(tmp_path
 
 def test_cli_lines_for_other_warnings_errors_and_own_prefixes(capsys):
     with cli._terminal_messages("jlora merge"):
-        warnings.warn("jlora merge: the adapter replaces model.embed_tokens.weight")  # jlora's own prefix
-        warnings.warn("something else", FutureWarning)
+        warnings.warn("jlora merge: the adapter replaces model.embed_tokens.weight", stacklevel=1)  # own prefix
+        warnings.warn("something else", FutureWarning, stacklevel=1)
         cli.LOGGER.error("bad input")
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "jlora merge: warning: the adapter replaces model.embed_tokens.weight"

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from adapter_files import tiny_llama, write_adapter
+from peft_twin import rel_err
 
 import jlora
-from adapter_files import tiny_llama, write_adapter
 from jlora import side_paths
 from jlora.fused_matmul import block_sizes, lora_matmul, lora_matmul_grouped
-from peft_twin import rel_err
 
 IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adapter_files import PREFIX, llama_like_params, llama_lora_tensors, write_adapter
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import jlora
-from adapter_files import PREFIX, llama_like_params, llama_lora_tensors, write_adapter
 from jlora.checkpoint import DTYPES, read_safetensors
 from jlora.describe import describe_adapter
 from jlora.hub import _check_subfolder, resolve_file

@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 import transformers as tf
+from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from safetensors.torch import load_file
 
 import jlora
 from jlora.tree import LORA_B
-from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 
 GROUPED = "base_model.model.regnet.encoder.stages.1.layers.0.layer.1.convolution"  # groups=2 (16 channels, width 8)
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 from safetensors.numpy import load_file
 
 import jlora
-from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 
 IDS = jnp.array([[1, 2, 3, 4]], jnp.int32)
 
@@ -59,7 +59,8 @@ def test_pad_rank_shares_the_compiled_function_across_ranks(tmp_path):
         np.testing.assert_allclose(fwd(IDS, padded), model(IDS, params=jlora.merge(plain)).logits,
                                    rtol=2e-5, atol=2e-5)
         jlora.save(padded, tmp_path / f"saved{r}")  # padding dropped: the file's own tensors come back
-        assert {k: v.tolist() for k, v in load_file(str(tmp_path / f"saved{r}" / "adapter_model.safetensors")).items()} \
+        saved = load_file(str(tmp_path / f"saved{r}" / "adapter_model.safetensors"))
+        assert {k: v.tolist() for k, v in saved.items()} \
             == {k: v.tolist() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     assert len(traces) == 2
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import jlora
-from safetensors.numpy import load_file, save
-
 from adapter_files import PREFIX, adapter_bytes, llama_like_checkpoint, llama_lora_tensors
 from fake_hub import FakeHub, Repo
+from safetensors.numpy import load_file, save
+
+import jlora
 
 TESTS = Path(__file__).resolve().parent
 ROOT = Path(jlora.__file__).resolve().parent.parent  # the jlora under test, first on the client's path

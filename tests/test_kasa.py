@@ -11,11 +11,17 @@ import numpy as np
 import peft
 import pytest
 import torch
+from peft_twin import (
+    assert_runs_merges_and_saves_like_peft,
+    build_twin,
+    flax_logits_wrapped,
+    peft_loads_cleanly,
+    rel_err,
+    torch_logits,
+)
+from test_parity_models import llama
 
 import jlora
-from peft_twin import (assert_runs_merges_and_saves_like_peft, build_twin, flax_logits_wrapped, peft_loads_cleanly,
-                       rel_err, torch_logits)
-from test_parity_models import llama
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
             kasa_config={"beta": 0.01, "gamma": 0.02})

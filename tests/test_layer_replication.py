@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import peft
 import pytest
+from peft_twin import assert_saves_back, peft_loads_cleanly, perturb_trainable, rel_err, saved_pair, torch_logits
+from test_parity_models import bert_cls, llama
 
 import jlora
-from peft_twin import assert_saves_back, perturb_trainable, peft_loads_cleanly, rel_err, saved_pair, torch_logits
-from test_parity_models import bert_cls, llama
 
 LAYER_MAP = [[0, 2], [1, 2]]  # layers 0 1 -> 0 1 1
 IDS = np.array([[1, 5, 9, 3, 60, 2, 7], [4, 4, 8, 11, 0, 33, 12]], np.int32)

@@ -15,13 +15,18 @@ import peft
 import pytest
 import torch
 import transformers as tf
+from llama_variants import (
+    ScannedLlama,
+    make_nnx_llama,
+    nnx_logits,
+    nnx_pure_params_from_torch,
+    scanned_params_from_torch,
+)
+from peft_twin import perturb_trainable, rel_err
 from safetensors.torch import load_file
 
 import jlora
 from jlora import Layout, Rule
-from llama_variants import ScannedLlama, make_nnx_llama, nnx_logits, nnx_pure_params_from_torch, \
-    scanned_params_from_torch
-from peft_twin import perturb_trainable, rel_err
 
 LAYER = r"model\.layers\.(?P<layer>\d+)"
 SCANNED = Layout([
@@ -230,7 +235,6 @@ def test_nnx_state_load_train_save(tmp_path):
     """The NNX workflow: load onto nnx.State, train through jlora.nnx_model (same gradients as wrap's in-call
     merge), save for PEFT."""
     from flax import nnx
-
     from llama_variants import NnxLlama
 
     cfg, base, _ = torch_llama(tmp_path, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))

@@ -8,9 +8,15 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
-
-from llama_variants import (NnxLlama, ScannedLlama, flatten_paths, make_nnx_llama, nnx_logits,
-                            nnx_pure_params_from_torch, scanned_params_from_torch)
+from llama_variants import (
+    NnxLlama,
+    ScannedLlama,
+    flatten_paths,
+    make_nnx_llama,
+    nnx_logits,
+    nnx_pure_params_from_torch,
+    scanned_params_from_torch,
+)
 
 TOL = 1e-5
 V, D, F, L, N, K, H = 64, 32, 48, 2, 4, 2, 8

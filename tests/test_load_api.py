@@ -6,9 +6,9 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 
 import jlora
-from adapter_files import llama_lora_tensors, tiny_llama, write_adapter
 
 
 def _leaves_by_path(tree):

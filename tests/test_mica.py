@@ -9,11 +9,18 @@ import numpy as np
 import peft
 import pytest
 import transformers as tf
+from peft_twin import (
+    flax_logits_plain,
+    flax_logits_wrapped,
+    peft_loads_cleanly,
+    perturb_trainable,
+    rel_err,
+    saved_pair,
+    torch_logits,
+)
+from test_parity_models import llama
 
 import jlora
-from peft_twin import (flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, perturb_trainable, rel_err,
-                       saved_pair, torch_logits)
-from test_parity_models import llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 

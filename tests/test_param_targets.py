@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from peft_twin import rel_err
 from safetensors.torch import load_file
 
 import jlora
 from jlora.load import read_adapter
 from jlora.save import to_peft_tensors
 from jlora.torch_layout import flatten_keys, nest_keys
-from peft_twin import rel_err
 
 EXPERTS, HIDDEN, INTER = 4, 32, 24  # gate_up_proj (E, 32, 48), down_proj (E, 24, 32): not square
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

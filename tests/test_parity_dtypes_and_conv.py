@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file
-
-import jlora
 from peft_twin import build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
+from safetensors.torch import load_file
 from test_parity_models import llama
 from test_training import fixed_mask
+
+import jlora
 
 
 def test_bfloat16_base(tmp_path):

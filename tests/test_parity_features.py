@@ -5,12 +5,19 @@ import copy
 
 import numpy as np
 import pytest
+from peft_twin import (
+    assert_saves_back,
+    build_twin,
+    flax_logits_plain,
+    flax_logits_wrapped,
+    peft_loads_cleanly,
+    rel_err,
+    torch_logits,
+)
 from safetensors.torch import load_file, save_file
+from test_parity_models import gemma, gpt2, llama, opt
 
 import jlora
-from peft_twin import (assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, peft_loads_cleanly, rel_err,
-                       torch_logits)
-from test_parity_models import gemma, gpt2, llama, opt
 
 TOL = 1e-4
 
@@ -19,7 +26,8 @@ FEATURES = {
     "rank_and_alpha_patterns": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                             rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
                                             alpha_pattern={"v_proj": 3, r"layers\.0\.mlp\.down_proj": 20})),
-    "regex_targets": (llama, dict(r=4, lora_alpha=8, target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.up_proj)")),
+    "regex_targets": (llama, dict(r=4, lora_alpha=8,
+                                  target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.up_proj)")),
     "exclude_modules": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                     exclude_modules=["layers.0.self_attn.q_proj"])),
     "layers_to_transform": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from peft_twin import assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
 
 import jlora
-from peft_twin import assert_saves_back, build_twin, flax_logits_plain, flax_logits_wrapped, rel_err, torch_logits
 
 TOL = 1e-4
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -55,7 +55,8 @@ def bart():
 def seq2seq(name: str, **extra):
     """A Bart-family translation/summarisation model (MBart, Marian, Pegasus, Blenderbot, BlenderbotSmall)."""
     torch_cls, flax_cls = ({"Marian": (tf.MarianMTModel, tf.FlaxMarianMTModel)}.get(name) or
-                           (getattr(tf, f"{name}ForConditionalGeneration"), getattr(tf, f"Flax{name}ForConditionalGeneration")))
+                           (getattr(tf, f"{name}ForConditionalGeneration"),
+                            getattr(tf, f"Flax{name}ForConditionalGeneration")))
     return lambda: (torch_cls, flax_cls, getattr(tf, f"{name}Config")(**SEQ2SEQ, **extra))
 
 
@@ -229,7 +230,8 @@ CASES = {
     "beit_cls": (beit_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                                 modules_to_save=["classifier"])),
     "dinov2": (dinov2, dict(r=4, lora_alpha=8, target_modules=["query", "value", "fc1", "fc2"])),
-    "resnet_cls": (resnet_cls, dict(r=2, lora_alpha=4, target_modules=["convolution"], modules_to_save=["classifier.1"])),
+    "resnet_cls": (resnet_cls, dict(r=2, lora_alpha=4, target_modules=["convolution"],
+                                    modules_to_save=["classifier.1"])),
     "wav2vec2_ctc": (wav2vec2_ctc, dict(r=4, lora_alpha=8, target_modules=r".*(q_proj|v_proj|intermediate_dense|"
                                         r"output_dense|conv_layers\.\d+\.conv|feature_projection\.projection)")),
 }

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-import jlora
 from adapter_files import tiny_llama, write_adapter
 from peft_twin import perturb_trainable
+
+import jlora
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file
 
 import jlora
-from adapter_files import PREFIX, llama_lora_tensors, tiny_llama, write_adapter
-from jlora.checkpoint import all_finite, read_safetensors, write_safetensors
 from jlora import placement
+from jlora.checkpoint import all_finite, read_safetensors, write_safetensors
 from jlora.placement import derive, lora_axes, to_device
 from jlora.tree import adapted_modules
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adapter_files import llama_like_params, llama_lora_tensors, write_adapter
 
 import jlora
-from adapter_files import llama_like_params, llama_lora_tensors, write_adapter
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -12,11 +12,11 @@ import optax
 import peft
 import pytest
 import torch
+from peft_twin import build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
 from safetensors.torch import load_file
+from test_parity_models import bert_cls, gemma, gpt2, llama, opt, roberta_cls
 
 import jlora
-from peft_twin import build_twin, flax_logits_wrapped, peft_loads_cleanly, rel_err, torch_logits
-from test_parity_models import bert_cls, gemma, gpt2, llama, opt, roberta_cls
 
 
 def llama_with_biases():
@@ -130,7 +130,8 @@ def test_train_save_reload_in_peft(tmp_path):
     assert rel_err(got, torch_logits(twin.peft_model, twin.inputs)) > 1e-3  # training changed it
 
     again = jlora.load(twin.flax_model.params, out)
-    for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(lp)[0], jax.tree_util.tree_flatten_with_path(again)[0]):
+    flat, flat_again = jax.tree_util.tree_flatten_with_path(lp)[0], jax.tree_util.tree_flatten_with_path(again)[0]
+    for (pa, a), (pb, b) in zip(flat, flat_again):
         assert pa == pb and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert jax.tree_util.tree_structure(lp) == jax.tree_util.tree_structure(again)

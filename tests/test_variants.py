@@ -12,12 +12,19 @@ import numpy as np
 import peft
 import pytest
 import torch
+from peft_twin import (
+    assert_saves_back,
+    flax_logits_plain,
+    flax_logits_wrapped,
+    perturb_trainable,
+    rel_err,
+    saved_pair,
+    torch_logits,
+)
 from safetensors.torch import load_file, save_file
+from test_parity_models import llama
 
 import jlora
-from peft_twin import (assert_saves_back, flax_logits_plain, flax_logits_wrapped, perturb_trainable, rel_err,
-                       saved_pair, torch_logits)
-from test_parity_models import llama
 
 VARIANTS = {"velora": dict(velora_config=peft.VeloraConfig()),
             "monteclora": dict(monteclora_config=peft.MontecloraConfig())}

@@ -40,11 +40,11 @@ def diag_load() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
+    from bench_load import flax_params, make_adapter
     from safetensors.torch import load_file
     from transformers import LlamaConfig
 
     import jlora
-    from bench_load import flax_params, make_adapter
     L = importlib.import_module("jlora.load")  # the module (jlora.load is also the function)
     from jlora.checkpoint import read_safetensors
     from jlora.config import LoraConfig, read_json
@@ -173,9 +173,9 @@ def diag_loadfloor() -> None:
 
     import jax.numpy as jnp
     import numpy as np
+    from bench_load import flax_params, make_adapter
     from transformers import LlamaConfig
 
-    from bench_load import flax_params, make_adapter
     from jlora.checkpoint import read_safetensors
     from jlora.config import LoraConfig, read_json
     from jlora.layout import get_layout
@@ -228,8 +228,9 @@ def diag_loadfloor() -> None:
 # shared model for the inference diagnostics
 
 def _model(model_kwargs=None):
-    import jlora
     from bench_infer import CPU_MODEL, build
+
+    import jlora
 
     cfg, tbase, pm, fm, body, adapter = build(Path(tempfile.mkdtemp()), model_kwargs or CPU_MODEL, 16)
     lp = jlora.load(fm.params, adapter)
@@ -243,9 +244,9 @@ def _ops(text: str) -> collections.Counter:
 def diag_ops() -> None:
     import jax
     import jax.numpy as jnp
+    from bench_infer import cost
 
     import jlora
-    from bench_infer import cost
 
     section("ops: compiled forward, base vs jlora.wrap (optimized HLO, ENTRY + fused computations)")
     cfg, fm, lp = _model()
@@ -448,9 +449,9 @@ def diag_cast() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from bench_infer import CPU_MODEL, build
 
     import jlora
-    from bench_infer import CPU_MODEL, build
 
     section("cast: bf16 base model, adapter float32 (default, PEFT's precision) vs dtype=bf16 (ratio to bf16 base)")
     cfg, _, _, fm, _, adapter = build(Path(tempfile.mkdtemp()), CPU_MODEL, 16, flax_dtype=jnp.bfloat16)
@@ -604,9 +605,9 @@ def _train(model_kwargs) -> None:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from bench_infer import cost
 
     import jlora
-    from bench_infer import cost
 
     section(f"train: LoRA grad vs full grad, batch 4 x 256, hidden {model_kwargs['hidden_size']}, "
             f"{model_kwargs['num_hidden_layers']} layers")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: 
 import bench_gpu  # noqa: E402
 from bench_gpu import ALPHA, FULL, RANK, TARGETS, TINY, Decoder, LoraDensePrototype, flat, nest
 from common import fmt_ratio, interleaved, paired_ratio
+
 import jlora
 
 

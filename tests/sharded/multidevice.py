@@ -22,8 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (adapter_files)
-import jlora  # noqa: E402
 from adapter_files import PREFIX, write_adapter  # noqa: E402
+
+import jlora  # noqa: E402
 from jlora.placement import to_device  # noqa: E402
 from jlora.tree import adapted_modules, get_path  # noqa: E402
 
@@ -368,7 +369,7 @@ def test_mixed_adapters_keep_the_derived_shardings(setup, tmp_path):
                "b": write_adapter(tmp_path / "b", {"peft_type": "LORA", "r": R, "lora_alpha": R,
                                                    "target_modules": TARGETS}, other)}
     mixed = jlora.load(sharded, sources)
-    for path, node in adapted_modules(mixed):
+    for _, node in adapted_modules(mixed):
         single_specs = expected_specs(node.spec.peft_name)
         for key, leaf in node.items():
             if key in ("lora_A", "lora_B"):
