@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .errors import AdapterError, UnsupportedAdapterError
 from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
@@ -243,9 +244,15 @@ def merge(lora_params: Any) -> Any:
     """The plain parameter tree with every adapter folded in (one jitted pass over the adapted
     modules; every other leaf is passed through untouched, not copied).
 
+    An NNX module from ``jlora.load(model, source)`` gives a new plain module (the original classes, kernels merged).
+
     Example:
         >>> merged = jlora.merge(jlora.load(params, "adapter_dir"))
+        >>> merged_model = jlora.merge(jlora.load(nnx_model, "adapter_dir"))
     """
+    if isinstance(lora_params, nnx.Module):
+        from .nnx_module import plain_model  # (nnx_module builds on this module)
+        return plain_model(lora_params)
     pairs, treedef = keyed(lora_params)
     leaves = [leaf for _, leaf in pairs]
     where = [i for i, leaf in enumerate(leaves) if is_adapted(leaf)]

@@ -23,12 +23,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from .checkpoint import WEIGHTS_NAME, write_safetensors
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError
 from .layout import HfLayout, Layout
+from .nnx_module import lora_tree
 from .param_targets import wrapper_tensors
 from .spec import PREFIX
 from .targeting import module_scale
@@ -133,6 +135,7 @@ def to_peft_tensors(lora_params: Any, layout: Layout | None = None) -> dict[str,
         (8, 64)
     """
     layout = layout or HfLayout()
+    lora_params = lora_tree(lora_params) if isinstance(lora_params, nnx.Module) else lora_params
     out: dict[str, np.ndarray] = {}
     for _, node in adapted_modules(lora_params):
         out.update(_node_tensors(node, layout, _to_host))
@@ -193,11 +196,14 @@ def _write_temp(path: Path, write) -> str:
 
 
 def save(lora_params: Any, out_dir: str | os.PathLike) -> Path:
-    """Write ``lora_params``' adapter to ``out_dir`` in PEFT's format (see module docstring).
+    """Write ``lora_params``' adapter to ``out_dir`` in PEFT's format (see module docstring). ``lora_params`` may be
+    an NNX module from ``jlora.load(model, source)``.
 
     Example:
         >>> jlora.save(lora_params, "out/my-adapter")
+        >>> jlora.save(lora_model, "out/my-adapter")     # an adapted nnx.Module
     """
+    lora_params = lora_tree(lora_params) if isinstance(lora_params, nnx.Module) else lora_params
     out = Path(out_dir)
     layout = HfLayout()
     nodes = [node for _, node in adapted_modules(lora_params)]
