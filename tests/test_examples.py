@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("layer_replication.py", []),
     ("kasa.py", []),
     ("tunix_llama.py", []),
+    ("nnx_module.py", []),
     ("continue_training.py", ["--steps", "40"]),
 ])
 def test_example_runs(script, args, tmp_path):
