@@ -18,6 +18,7 @@ from .kasa import kasa_loss
 from .merge import merge
 from .multi import add_weighted, select
 from .nnx_model import nnx_model
+from .qwix_bridge import from_qwix, to_qwix
 from .replication import replicate_layers
 from .save import save, to_peft_tensors
 from .train import combine, count_trainable, optimizer, split, trainable_mask
@@ -27,7 +28,8 @@ from .wrap import wrap
 __all__ = [
     "AdaptedModule", "AdapterError", "CheckpointError", "ConfigError", "HfLayout", "Layout", "LoraConfig", "ModuleSpec",
     "Rule", "SourceError", "TargetMismatchError", "UnsupportedAdapterError", "UnwrappedAdapterWarning", "add_weighted",
-    "alora_offsets", "arrow", "combine", "count_trainable", "init", "kasa_loss", "load", "merge", "nnx_model",
-    "optimizer", "place", "replicate_layers", "save", "select", "split", "to_peft_tensors", "trainable_mask", "wrap",
+    "alora_offsets", "arrow", "combine", "count_trainable", "from_qwix", "init", "kasa_loss", "load", "merge",
+    "nnx_model", "optimizer", "place", "replicate_layers", "save", "select", "split", "to_peft_tensors", "to_qwix",
+    "trainable_mask", "wrap",
 ]
 __version__ = "0.1.0"
