@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("script,args", [
     ("quickstart.py", []),
+    ("quickstart_flax_transformers.py", []),
     ("multi_adapter.py", []),
     ("hot_swap.py", []),
     ("nnx_training.py", []),
