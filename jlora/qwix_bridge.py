@@ -307,14 +307,16 @@ def _qwix_factors(node: AdaptedModule, a_q: Any, b_q: Any, rule: QwixRule) -> tu
     """
     a, b = np.asarray(node[LORA_A]), np.asarray(node[LORA_B])
     a_q, b_q = np.asarray(a_q), np.asarray(b_q)
-    name, rank = node.spec.peft_name, a_q.shape[-1]
+    rank, sources = a_q.shape[-1], node.spec.sources
+    name = node.spec.peft_name if len(sources) < 2 else f"{' + '.join(s.peft_name for s in sources)} (one fused kernel)"
     if not (_fits(a.shape[:-1], a_q.shape[:-1]) and _fits(b.shape[1:], b_q.shape[1:]) and b_q.shape[0] == rank):
         return (f"{name}: qwix's factors {a_q.shape} / {b_q.shape} do not fit the adapter's {a.shape} / {b.shape} "
                 "(another kernel, or qwix reads it with other contracting axes)")
     cols = _used_columns(node)
     if len(cols) > rank:
-        return (f"{name}: rank {len(cols)} is above the qwix rule's rank {rank} (rule {rule.module_path!r}): "
-                "give the provider a rule with rank >= the adapter's")
+        ranks = " + ".join(str(s.rank) for s in sources) + " = " if len(sources) > 1 else ""
+        return (f"{name}: rank {ranks}{len(cols)} is above the qwix rule's rank {rank} (rule {rule.module_path!r}): "
+                "give the provider a rule with a rank at least the adapter's")
     if rule.alpha == 0:
         return f"{name}: the qwix rule {rule.module_path!r} has alpha 0, which scales every LoRA to nothing"
     scale = np.broadcast_to(np.asarray(node[RANK_SCALE], np.float64).reshape(-1), (a.shape[-1],))[cols]
@@ -324,6 +326,17 @@ def _qwix_factors(node: AdaptedModule, a_q: Any, b_q: Any, rule: QwixRule) -> tu
     new_b = np.zeros((rank, *b.shape[1:]), b_q.dtype)
     new_b[:len(cols)] = (np.asarray(b[cols], np.float64) * ratio).astype(b_q.dtype)
     return new_a.astype(a_q.dtype).reshape(a_q.shape), new_b.reshape(b_q.shape)
+
+
+def _rule_mismatch(rule: QwixRule | None, lora_a: Any, name: str, shown: str) -> list[str]:
+    """Why ``rule`` (the provider's rule for the module at ``shown``) cannot be the one that made its qwix LoRA."""
+    if rule is None:
+        return [f"{name}: no LoRA rule of the provider matches {shown!r}, yet the state has qwix LoRA there: pass the "
+                "provider the model was made with"]
+    if rule.rank != np.shape(lora_a)[-1]:
+        return [f"{name}: the provider's rule {rule.module_path!r} has rank {rule.rank}, the qwix LoRA at {shown!r} "
+                f"rank {np.shape(lora_a)[-1]}: pass the provider the model was made with"]
+    return []
 
 
 def _node_leaves(node: AdaptedModule, path: tuple, pure: Mapping, pairs: Mapping, rules: Sequence[QwixRule]
@@ -343,11 +356,9 @@ def _node_leaves(node: AdaptedModule, path: tuple, pure: Mapping, pairs: Mapping
                                           f"at {shown} (no provider rule matched {shown!r})"]
         return None, {}, unsupported, missing
     rule = rule_for(rules, where, key)
-    if rule is None:
-        return (where, key), {}, unsupported, [f"{name}: no LoRA rule of the provider matches {shown!r}, yet the "
-                                               "state has qwix LoRA there: pass the provider the model was made with"]
-    if node.spec.kind != "linear" or node.spec.layer_axis is not None or node.spec.adapters:
-        return (where, key), {}, unsupported, []
+    mismatch = _rule_mismatch(rule, pairs[(where, key)][0], name, shown)
+    if mismatch or node.spec.kind != "linear" or node.spec.layer_axis is not None or node.spec.adapters:
+        return (where, key), {}, unsupported, mismatch
     factors = _qwix_factors(node, *pairs[(where, key)], rule)
     if isinstance(factors, str):
         return (where, key), {}, unsupported + [factors], []
@@ -538,10 +549,9 @@ def _collect(base: Mapping, bound: Layout, names: Sequence[str], pairs: Mapping,
         seen.add(key)
         a_q, b_q = pairs[key]
         rule, shown = rule_for(rules, placement.path, placement.kernel_key), "/".join(key[0])
-        if rule is None or rule.rank != np.shape(a_q)[-1]:
-            found = "no LoRA rule" if rule is None else f"the rule {rule.module_path!r} with rank {rule.rank}"
-            problems.append(f"{name}: the provider has {found} for {shown!r}, where the state's qwix LoRA has rank "
-                            f"{np.shape(a_q)[-1]}: pass the provider the model was made with")
+        mismatch = _rule_mismatch(rule, a_q, name, shown)
+        if mismatch:
+            problems += mismatch
             continue
         kernel = base
         for k in placement.path:

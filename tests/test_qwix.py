@@ -249,7 +249,7 @@ def test_mismatched_models_and_providers_are_refused(llama, tmp_path):
     pure["lm_head"] = {"w": pure["lm_head"]["w"]}  # a qwix model whose rules left the head out
     with pytest.raises(jlora.TargetMismatchError, match="no w_lora_a / w_lora_b at lm_head"):
         jlora.to_qwix(lora_params, pure, llama.provider)
-    with pytest.raises(jlora.TargetMismatchError, match="rank 3(.|\n)*rank 4"):
+    with pytest.raises(jlora.TargetMismatchError, match="rule '.\\*' has rank 3, the qwix LoRA at 'lm_head' rank 2"):
         jlora.from_qwix(llama.qwix_state, {"module_path": ".*", "rank": 3, "alpha": 6.0})
     with pytest.raises(jlora.AdapterError, match="come from the qwix provider"):
         jlora.from_qwix(llama.qwix_state, llama.provider, r=8)
@@ -276,18 +276,25 @@ def test_fused_kernel_shares_qwix_a():
         tensors[f"base_model.model.attn.{m}.lora_A.weight"] = rng.normal(size=(r, ins[m])).astype(np.float32)
         tensors[f"base_model.model.attn.{m}.lora_B.weight"] = rng.normal(size=(outs[m], r)).astype(np.float32)
     lora_params = jlora.place(tree, config, tensors, layout=layout)
-    qwix_tree = {"attn": {"kv": {**tree["attn"]["kv"], "w_lora_a": np.zeros((d, 4), np.float32),
-                                 "w_lora_b": np.zeros((4, 2, k, h), np.float32)},
-                          "o": {**tree["attn"]["o"], "w_lora_a": np.zeros((n, h, 4), np.float32),
-                                "w_lora_b": np.zeros((4, d), np.float32)}}}
+    def qwix_tree(r: int) -> dict:  # qwix's leaves for rank r
+        return {"attn": {"kv": {**tree["attn"]["kv"], "w_lora_a": np.zeros((d, r), np.float32),
+                                "w_lora_b": np.zeros((r, 2, k, h), np.float32)},
+                         "o": {**tree["attn"]["o"], "w_lora_a": np.zeros((n, h, r), np.float32),
+                               "w_lora_b": np.zeros((r, d), np.float32)}}}
+
     rules = {"module_path": ".*", "rank": 4, "alpha": 2.0}
-    filled = jlora.to_qwix(lora_params, qwix_tree, rules)
+    filled = jlora.to_qwix(lora_params, qwix_tree(4), rules)
     merged = jlora.merge(lora_params)
     kv, o = filled["attn"]["kv"], filled["attn"]["o"]
     np.testing.assert_allclose(0.5 * np.einsum("dr,rpkh->pkdh", kv["w_lora_a"], kv["w_lora_b"]),
                                merged["attn"]["kv"]["w"] - tree["attn"]["kv"]["w"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(0.5 * np.einsum("nhr,rd->nhd", o["w_lora_a"], o["w_lora_b"]),
                                merged["attn"]["o"]["w"] - tree["attn"]["o"]["w"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(jlora.UnsupportedAdapterError, match=r"k_proj \+ attn.v_proj \(one fused kernel\): rank 2 "
+                                                            r"\+ 1 = 3 is above the qwix rule's rank 2"):
+        jlora.to_qwix(lora_params, qwix_tree(2), {"module_path": ".*", "rank": 2, "alpha": 1.0})
+    with pytest.raises(jlora.TargetMismatchError, match="rule '.\\*' has rank 4, the qwix LoRA at 'attn/o' rank 2"):
+        jlora.to_qwix(lora_params, {"attn": {**qwix_tree(4)["attn"], "o": qwix_tree(2)["attn"]["o"]}}, rules)
     back = jlora.from_qwix(filled, rules, layout=layout, module_names=["attn.k_proj", "attn.v_proj", "attn.o_proj"])
     assert back["attn"]["kv"]["lora_A"].shape == (d, 8)  # two rank-4 parts
     for path in (("attn", "kv", "w"), ("attn", "o", "w")):
