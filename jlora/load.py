@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from .checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_safetensors, read_torch_pickle
@@ -24,6 +25,7 @@ from .hub import file_exists, resolve_file
 from .inject import inject
 from .layout import get_layout
 from .multi import stack_adapters
+from .nnx_module import lora_module
 from .param_targets import split_wrappers
 from .placement import Placer, ShardingArg
 from .replication import check_depth
@@ -95,7 +97,9 @@ def load(
     """Load a PEFT LoRA adapter (local folder or Hub repo id) onto a Flax parameter tree.
 
     ``params`` may also be an ``nnx.State`` (``nnx.split(model)[1]``): the result is then its pure dict
-    with the adapter, to run through ``nnx.merge`` (see the README).
+    with the adapter, to run through :func:`jlora.nnx_model`. An ``nnx.Module`` gives a new module (base arrays
+    shared, ``params`` untouched) called like the original, that runs the adapter unmerged and holds it as
+    ``nnx.LoRAParam`` variables (see :mod:`jlora.nnx_module`; ``jlora.merge`` and ``jlora.save`` take it).
 
     Returns a new tree in which every module the adapter changes is an ``AdaptedModule`` holding
     the base arrays (shared, not copied) plus ``lora_A``/``lora_B`` (and DoRA, bias, ... tensors).
@@ -127,8 +131,15 @@ def load(
         >>> lp = jlora.load(model.params, {"a": "adapter_a", "b": "user/b"})  # several: see jlora.wrap's adapter_ids
         >>> lp = jlora.load(sharded_params, "adapter_dir", sharding="replicated")
         >>> lp = jlora.load(model.params, "adapter_r8", pad_rank=64)   # same shapes as any r <= 64 adapter
+        >>> lora_model = jlora.load(nnx_model, "adapter_dir")            # an nnx.Module: a new adapted module
     """
     _refuse_model_object(params, "load")
+    if isinstance(params, nnx.Module):  # a new module holding the adapter (see jlora.nnx_module)
+        graphdef, state = nnx.split(params)
+        return lora_module(graphdef, load(state, source, revision=revision, subfolder=subfolder, token=token,
+                                          cache_dir=cache_dir, layout=layout, dtype=dtype,
+                                          allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, device=device,
+                                          sharding=sharding, pad_rank=pad_rank))
     if isinstance(source, Mapping):
         if not source:
             raise AdapterError("load: the dict of adapter sources is empty")
