@@ -19,8 +19,8 @@ and ``alpha`` per rule (the first rule whose ``module_path`` regex full-matches 
 q_proj``), in the base weight's dtype; its ``a`` starts He-uniform, its ``b`` at zero.
 
 :func:`to_qwix` fills a qwix model's LoRA leaves from an adapter loaded with :func:`jlora.load` (scales qwix cannot
-express, rsLoRA and rank/alpha patterns, folded into ``b``; smaller ranks zero-padded); :func:`from_qwix` reads a
-qwix model's LoRA back as a jlora tree, which :func:`jlora.save` writes in PEFT's format.
+express, rsLoRA and rank/alpha patterns, folded into ``b``; smaller ranks padded with zero rows of ``b``);
+:func:`from_qwix` reads a qwix model's LoRA back as a jlora tree, which :func:`jlora.save` writes in PEFT's format.
 
 Example:
     >>> provider = qwix.LoraProvider(module_path=".*_proj", rank=8, alpha=16.0)
@@ -395,7 +395,8 @@ def to_qwix(lora_params: Any, qwix_state: Any, provider: Any) -> Any:
 
     Args:
         lora_params: a single-adapter tree from :func:`jlora.load` (or ``init``) on the base model's state, e.g.
-            ``jlora.load(nnx.state(model), "adapter", layout="tunix")``.
+            ``jlora.load(nnx.state(model), "adapter", layout="tunix")`` with the model given to
+            ``apply_lora_to_model`` (which works on a clone of it).
         qwix_state: what ``qwix.apply_lora_to_model`` returned (an ``nnx.Module``, updated in place and returned),
             its ``nnx.State`` (a new State is returned) or that state's pure dict (a new dict is returned).
         provider: the ``qwix.LoraProvider`` the model was made with (or its rules, see :func:`qwix_rules`).
