@@ -102,6 +102,9 @@ class LoraConfig:
     ensure_weight_tying: bool = False
     # Unknown fields of newer PEFT versions, kept so that saving writes them back.
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The fields the parsed file had (None: made in code): a field the file lacked and that is still at its
+    # default is not written back, so an older PEFT's file round-trips with the fields it knows.
+    file_fields: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -166,13 +169,13 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
         _check_peft_type(data, source)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields", "file_fields"}
         kwargs = {k: _null_meaning(k, v) for k, v in data.items() if k in known}
         unknown = {k: v for k, v in data.items() if k not in known and k != "runtime_config"}
         if unknown and not quiet:
             warnings.warn(f"{source}: {_describe_unknown(unknown, known)}", stacklevel=2)
         try:
-            return cls(**kwargs, extra_fields=unknown)
+            return cls(**kwargs, extra_fields=unknown, file_fields=frozenset(data))
         except ConfigError as err:
             raise ConfigError(f"{source}: invalid LoRA config", err.problems) from None
 
@@ -194,13 +197,22 @@ class LoraConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready dict PEFT writes (keys sorted, unknown fields kept)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_fields"}
+        """The JSON-ready dict PEFT writes (keys sorted, unknown fields kept; a parsed file's absent fields
+        stay absent while at their defaults)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("extra_fields", "file_fields") and not self._absent_default(f)}
         out.update(self.extra_fields)
         out["peft_type"] = "LORA"
         if isinstance(out["target_modules"], set):
             out["target_modules"] = sorted(out["target_modules"])
         return json.loads(json.dumps(out, sort_keys=True))
+
+    def _absent_default(self, f: dataclasses.Field) -> bool:
+        """Whether field ``f`` was not in the parsed file and still holds its default."""
+        if self.file_fields is None or f.name in self.file_fields or f.name == "peft_type":
+            return False
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return getattr(self, f.name) == default
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
