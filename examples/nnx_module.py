@@ -23,8 +23,9 @@ from flax import nnx
 from tunix.models.llama3 import params as llama3_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jlora, installed or not
-import jlora  # noqa: E402
 from tunix_llama import ASSETS, tunix_config, write_safetensors  # noqa: E402
+
+import jlora  # noqa: E402
 
 
 def main() -> int:

@@ -9,12 +9,19 @@ Example:
 from .alora import alora_offsets
 from .arrow import arrow
 from .config import LoraConfig
-from .errors import (AdapterError, CheckpointError, ConfigError, SourceError, TargetMismatchError,
-                     UnsupportedAdapterError, UnwrappedAdapterWarning)
-from .layout import HfLayout, Layout, Rule
-from .load import load, place
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    SourceError,
+    TargetMismatchError,
+    UnsupportedAdapterError,
+    UnwrappedAdapterWarning,
+)
 from .init import init
 from .kasa import kasa_loss
+from .layout import HfLayout, Layout, Rule
+from .load import load, place
 from .merge import merge
 from .multi import add_weighted, select
 from .nnx_model import nnx_model

@@ -19,8 +19,22 @@ import numpy as np
 from flax import nnx
 
 from .errors import AdapterError, UnsupportedAdapterError
-from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
-                   TOKEN_DELTA, AdaptedModule, ModuleSpec, is_adapted, keyed)
+from .tree import (
+    BASE_TABLE,
+    KASA_DOWN,
+    KASA_UP,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    TOKEN_DELTA,
+    AdaptedModule,
+    ModuleSpec,
+    is_adapted,
+    keyed,
+)
 
 
 def scaled_a(children: Mapping[str, jax.Array]) -> jax.Array:

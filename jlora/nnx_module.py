@@ -32,8 +32,21 @@ from .errors import UnsupportedAdapterError
 from .merge import merge
 from .nnx_model import ENTRY_PREFIX, _at, _NnxModuleView
 from .side_paths import CallContext, side_for
-from .tree import (BASE_TABLE, KASA_DOWN, KASA_UP, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE,
-                   TOKEN_DELTA, AdaptedModule, adapted_modules, set_paths)
+from .tree import (
+    BASE_TABLE,
+    KASA_DOWN,
+    KASA_UP,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    TOKEN_DELTA,
+    AdaptedModule,
+    adapted_modules,
+    set_paths,
+)
 
 SPEC = ENTRY_PREFIX + "spec"  # (static attribute of an adapted module: its ModuleSpec)
 SIDE_KEYS = (LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, RANK_SCALE, LORA_DIAG, KASA_DOWN, KASA_UP)  # what side paths read

@@ -34,8 +34,18 @@ from .nnx_module import lora_tree
 from .param_targets import wrapper_tensors
 from .spec import PREFIX
 from .targeting import module_scale
-from .tree import (LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE, AdaptedModule, FactorSource,
-                   ModuleSpec, adapted_modules)
+from .tree import (
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    AdaptedModule,
+    FactorSource,
+    ModuleSpec,
+    adapted_modules,
+)
 
 
 def _stub(x: Any) -> np.ndarray:
@@ -174,8 +184,8 @@ def _config_json(lora_params: Any) -> str:
     if stale:
         raise AdapterError("save: the tree's adapter config does not match its lora_scale leaves. This tree probably "
                            "came out of a jitted function first compiled for another adapter of equal shapes (jit "
-                           "outputs keep that adapter's config text). Rebuild it with jlora.combine(trainable, frozen), "
-                           "`frozen` taken from this adapter's own load/init", stale)
+                           "outputs keep that adapter's config text). Rebuild it with jlora.combine(trainable, "
+                           "frozen), `frozen` taken from this adapter's own load/init", stale)
     return config_json
 
 

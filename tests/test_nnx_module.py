@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import peft
 import pytest
 from flax import nnx
 from llama_variants import NnxLlama, nnx_pure_params_from_torch
