@@ -18,13 +18,20 @@ each base weight, so that ``lora_B`` (output side) gets exactly the weight's per
 The family is found from the tree (a ``query_norm`` or a ``query/bias``: Qwen; otherwise Llama 3.1), or named:
 ``"maxtext:llama3.1"``, ``"maxtext:qwen3"``.
 
+Unmerged, the adapter runs on MaxText's NNX ``Transformer`` (not its linen shell ``transformer_as_linen``, whose
+NNX modules ``jlora.wrap`` cannot intercept: it would merge the kernels inside the call) through
+:func:`jlora.nnx_model`; the NNX state's parameter paths are the linen tree's.
+
 Example:
     >>> lora_params = jlora.load(mt_params, "adapter", layout="maxtext")     # mt_params: to_maxtext's tree
-    >>> logits = jax.jit(jlora.wrap(model.apply))({"params": lora_params}, ids, positions)
+    >>> graphdef, state = nnx.split(transformer)    # maxtext.models.models.Transformer, holding the converted tree
+    >>> lp = jlora.load(state, "adapter")           # (layout "auto" finds "maxtext")
+    >>> logits = jax.jit(lambda lp: jlora.nnx_model(graphdef, lp)(ids, positions, enable_dropout=False))(lp)
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from .errors import AdapterError

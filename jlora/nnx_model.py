@@ -4,7 +4,8 @@ NNX modules have no method interceptors, so :func:`jlora.wrap` can only fold an 
 kernels inside the call. ``nnx_model`` instead builds the model with ``nnx.merge`` and puts a thin
 caller in front of every adapted ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed`` and ``Conv`` (and
 every einsum-of-one-parameter module of model zoos, such as google-tunix's ``Einsum``: see
-:func:`jlora.side_paths.is_param_einsum`): it
+:func:`jlora.side_paths.is_param_einsum`, and every dense layer naming its input axes, such as MaxText's
+``DenseGeneral``: see :func:`jlora.side_paths.is_axis_dense`): it
 runs the module, then adds ``s * (x @ A) @ B`` through the same side paths as linen models (PEFT's precision,
 ``lora_dropout``, DoRA, several adapters per batch). Stacked layers (a module built with ``nnx.vmap`` and run
 by ``nnx.scan``) run unmerged too: their adapter entries (and the dropout key) become ``nnx.Param``
@@ -20,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .merge import merged_module, plain_module, tied_head_columns
-from .side_paths import CallContext, fused_nnx_linear, side_for
+from .side_paths import CallContext, fused_nnx_linear, is_axis_dense, side_for
 from .tree import AdaptedModule, ModuleSpec, is_adapted, keyed, set_paths
 from .wrap import LAYER_INDEX, lora_dropout, require_adapter_ids, side_entries
 
@@ -133,9 +135,12 @@ def _stacked_call(self, *args, **kwargs):
     return self.jlora_side(_NnxModuleView(self), args, kwargs, y, entries, self.jlora_spec, ctx)
 
 
-def _along_layers(value: jax.Array, layer_axis: int, layers: int) -> jax.Array:
+def _along_layers(value: jax.Array, layer_axis: int | None, layers: int | None) -> jax.Array:
     """``value`` repeated along a stacked kernel's layer axis (put before its own axes), so that a scan over the
-    layers hands each layer ``value`` again (its shape then ``(1,) * layer_axis + value.shape``)."""
+    layers hands each layer ``value`` again (its shape then ``(1,) * layer_axis + value.shape``); ``value`` itself
+    for an unstacked kernel (``layer_axis`` None)."""
+    if layer_axis is None:
+        return value
     return jnp.broadcast_to(value, (1,) * layer_axis + (layers,) + value.shape)
 
 
@@ -148,24 +153,40 @@ _STACKED = {cls: type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_ca
             for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.Conv)}
 
 
+@functools.cache
+def _stacked_subclass(cls: type) -> type:
+    """``cls`` with :func:`_stacked_call` as its call: one class per model class (so two calls' graphdefs match)."""
+    return type(f"Stacked{cls.__name__}", (cls,), {"__call__": _stacked_call})
+
+
+def _stacked_class(module: Any) -> type | None:
+    """The class a stacked ``module`` becomes to run its adapter (see :func:`_make_stacked`), or None when its class
+    has no stacked side path: the ``_STACKED`` classes, and axis-dense modules of model zoos (MaxText's
+    ``DenseGeneral``, see :func:`jlora.side_paths.is_axis_dense`)."""
+    if type(module) in _STACKED:
+        return _STACKED[type(module)]
+    return _stacked_subclass(type(module)) if is_axis_dense(module) else None
+
+
 def _runs_stacked(node: AdaptedModule, module: Any) -> bool:
     """Whether a stacked kernel's adapter(s) can run unmerged: LoRA factors (of one adapter or several) and a
     module class with a stacked side path."""
     spec = node.spec
-    return spec.layer_axis is not None and spec.has_lora and not spec.merged_in_call and type(module) in _STACKED
+    return (spec.layer_axis is not None and spec.has_lora and not spec.merged_in_call
+            and _stacked_class(module) is not None)
 
 
 def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: jax.Array | None, site: int,
                   name: str, adapter_ids: jax.Array | None = None, fused: bool = False,
                   alora_offsets: jax.Array | None = None) -> None:
-    """Turn a stacked module into its ``_STACKED`` class (see :func:`_stacked_call`), holding the adapter entries
-    and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
+    """Turn a stacked module (or an unstacked model-zoo one: see :func:`nnx_model`) into its stacked class (see
+    :func:`_stacked_class`, :func:`_stacked_call`), holding the adapter entries and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
     adapters, each example's adapter index (``adapter_ids``). ``fused``: an ``nnx.Linear`` tries the fused kernel."""
     spec = node.spec
     entries = side_entries(node)
     for key, value in entries.items():
         setattr(module, ENTRY_PREFIX + key, nnx.Param(value))
-    layers = node[spec.kernel_key].shape[spec.layer_axis]
+    layers = None if spec.layer_axis is None else node[spec.kernel_key].shape[spec.layer_axis]
     module.jlora_dropout = None
     if dropout_key is not None and spec.dropout > 0:
         typed = jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key)
@@ -180,7 +201,7 @@ def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: ja
         setattr(module, ENTRY_PREFIX + ALORA_OFFSETS, nnx.Param(_along_layers(offsets, spec.layer_axis, layers)))
     module.jlora_entries, module.jlora_spec, module.jlora_side = tuple(entries), spec, side
     module.jlora_fused = fused and type(module) is nnx.Linear
-    module.__class__ = _STACKED[type(module)]
+    module.__class__ = _stacked_class(module)
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -227,7 +248,11 @@ def nnx_model(graphdef: Any, lora_params: Any, *, lora_dropout_key: jax.Array | 
     candidates = {path: side_for(_at(probe, path), node.spec) for path, node in sites.items()
                   if node.has_side_path and node.spec.layer_axis is None and not node.spec.merged_in_call}
     side = {path: fn for path, fn in candidates.items() if fn is not None}  # path -> its side path
-    stacked = {path for path, node in sites.items() if _runs_stacked(node, _at(probe, path))}
+    # model-zoo modules (MaxText's DenseGeneral) that their model splits and merges itself (its remat, its layer
+    # loop) hold the adapter as nnx.Param attributes, as stacked layers do: a stand-in would not survive nnx.split
+    own_state = {path for path in side if type(_at(probe, path)) not in _STACKED and _stacked_class(_at(probe, path))}
+    side = {path: fn for path, fn in side.items() if path not in own_state}
+    stacked = {path for path, node in sites.items() if _runs_stacked(node, _at(probe, path))} | own_state
     merged = [path for path, node in sites.items() if node.has_side_path and path not in side and path not in stacked]
     model = probe
     unplanned = sorted(sites[path].spec.peft_name for path in merged if not sites[path].spec.merged_in_call)

@@ -20,21 +20,40 @@ import warnings
 from typing import Callable
 
 import flax.linen as nn
-from flax import nnx
-from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.linen.dtypes import promote_dtype
 
 from .alora import token_mask
 from .arrow import arrow_delta
-from .kasa import truncated_output
-from .fused_matmul import block_sizes, lora_matmul, lora_matmul_grouped
-from .merge import (adapters_masked, dora_factor, factor_delta, is_grouped, part_masked_a, part_masked_b,
-                    scaled_a, to_canonical)
 from .errors import AdapterError
-from .tree import (BY_ADAPTER, KASA_DOWN, LORA_A, LORA_B, LORA_BIAS, LORA_DIAG, MAGNITUDE, RANK_SCALE, TOKEN_DELTA,
-                   ModuleSpec)
+from .fused_matmul import block_sizes, lora_matmul, lora_matmul_grouped
+from .kasa import truncated_output
+from .merge import (
+    adapters_masked,
+    dora_factor,
+    factor_delta,
+    is_grouped,
+    part_masked_a,
+    part_masked_b,
+    scaled_a,
+    to_canonical,
+)
+from .tree import (
+    BY_ADAPTER,
+    KASA_DOWN,
+    LORA_A,
+    LORA_B,
+    LORA_BIAS,
+    LORA_DIAG,
+    MAGNITUDE,
+    RANK_SCALE,
+    TOKEN_DELTA,
+    ModuleSpec,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
@@ -277,6 +296,8 @@ def dense_general_side(module, args, kwargs, y, entries, spec, ctx):
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     axes = tuple(a % x.ndim for a in axis)
     lora = _contract(x, entries, axes, ctx, spec)
+    bounds = kwargs.get("slice_bounds")  # (MaxText's DenseGeneral: the output's last axis sliced in the call)
+    lora = lora if bounds is None else lora[..., bounds[0]:bounds[1]]
     return _finish(module, y, lora, entries, spec, _dropped_base(module, spec, entries, ctx, x), ctx)
 
 
@@ -443,6 +464,35 @@ def is_param_einsum(module: object) -> bool:
     return len(params) == 1 and "." not in kernel_axes and getattr(params[0], "ndim", -1) == len(kernel_axes)
 
 
+def is_axis_dense(module: object) -> bool:
+    """Whether ``module`` is an NNX dense layer over the input axes its fields name, by its structure: tuple fields
+    ``axis``, ``in_features_shape`` (as long as ``axis``) and ``out_features_shape``, and an ``nnx.Param``
+    ``kernel`` of shape ``in_features_shape + out_features_shape`` (or that with one more axis anywhere: layers
+    stacked for a scan), called as ``module(x, ...)`` and adding a trailing-axes bias if any (MaxText's
+    ``DenseGeneral``). Such a module runs :func:`dense_general_side` like ``nnx.LinearGeneral``.
+
+    Args:
+        module: any object (linen modules, ``nnx.LinearGeneral`` and non-modules answer False).
+
+    Returns:
+        True for such a module.
+
+    Example:
+        >>> is_axis_dense(maxtext_model.decoder.layers.self_attention.query)  # axis (-1,), kernel (D, L, N, H)
+        True
+    """
+    if not isinstance(module, nnx.Module) or isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+        return False
+    axis, ins, outs = (getattr(module, name, None) for name in ("axis", "in_features_shape", "out_features_shape"))
+    kernel = getattr(module, "kernel", None)
+    if not (all(isinstance(v, tuple) for v in (axis, ins, outs)) and len(axis) == len(ins)
+            and isinstance(kernel, nnx.Param)):
+        return False
+    shape = tuple(getattr(kernel, "shape", ()))
+    return shape == ins + outs or (len(shape) == len(ins + outs) + 1
+                                   and any(shape[:i] + shape[i + 1:] == ins + outs for i in range(len(shape))))
+
+
 def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
     """The side path for ``module``'s class (linen, or NNX through :func:`jlora.nnx_model`), or None when it
     has none (the caller then merges)."""
@@ -452,6 +502,8 @@ def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
         return None if module.batch_dims else dense_general_side
     if isinstance(module, nnx.LinearGeneral):
         return None if module.batch_axis else dense_general_side
+    if is_axis_dense(module):
+        return dense_general_side
     if isinstance(module, (nn.Einsum, nnx.Einsum)) or is_param_einsum(module):
         return einsum_side
     if isinstance(module, (nn.Embed, nnx.Embed)):

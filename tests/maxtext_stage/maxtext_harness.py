@@ -48,6 +48,28 @@ def build(config: Any):
     return model, abstract, treedef
 
 
+def build_nnx(config: Any, params: dict) -> tuple[Any, Any]:
+    """MaxText's NNX ``Transformer`` (the module ``transformer_as_linen`` wraps) holding ``params`` (the converted
+    tree's ``params`` collection), split: ``(graphdef, state)``, ``state`` an ``nnx.State`` (parameters and rng
+    state) whose parameter paths are those of the linen tree."""
+    from flax import nnx
+    from maxtext.common.common_types import MODEL_MODE_TRAIN
+    from maxtext.layers import quantizations
+    from maxtext.models import models
+    from maxtext.utils import maxtext_utils, maxtext_utils_nnx
+
+    mesh = jax.sharding.Mesh(maxtext_utils.create_device_mesh(config), config.mesh_axes)
+    model = models.Transformer(config, mesh, quantizations.configure_quantization(config), model_mode=MODEL_MODE_TRAIN,
+                               rngs=maxtext_utils_nnx.create_nnx_rngs(config, MODEL_MODE_TRAIN))
+    graphdef, state = nnx.split(model)
+    own = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    given = {tuple(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert {tuple(map(str, path)) for path in own} == given, "the NNX model's parameter paths differ from the linen's"
+    nnx.replace_by_pure_dict(state, params)
+    return graphdef, state
+
+
 def convert(config: Any, hf_dir: Path, abstract: dict, treedef) -> dict:
     """The Hugging Face checkpoint in ``hf_dir`` as a MaxText tree, through ``to_maxtext.main``'s steps (eager)."""
     from maxtext.checkpoint_conversion import to_maxtext
