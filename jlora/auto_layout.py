@@ -5,7 +5,7 @@ PEFT module of the adapter wins. When none places them all, the one that places 
 error lists every module it could not place, and names each layout tried with how far it got.
 
 Example:
-    >>> bound = AutoLayout().bind(state, ["model.layers.0.self_attn.q_proj"])
+    >>> bound = AutoLayout([HfLayout(), TunixLayout()]).bind(state, ["model.layers.0.self_attn.q_proj"])
     >>> bound.name
     'tunix'
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .errors import AdapterError
-from .layout import Layout, get_layout
-
-CANDIDATES = ("hf", "tunix", "maxtext")
+from .layout import Layout
 
 
 def _placed(layout: Layout, names: Sequence[str]) -> int:
@@ -25,13 +23,13 @@ def _placed(layout: Layout, names: Sequence[str]) -> int:
 
 
 class AutoLayout(Layout):
-    """The built-in layout that fits the tree: see the module docstring.
+    """The first of ``candidates`` (unbound layouts, tried in order) that fits the tree: see the module docstring.
 
     Example:
         >>> lora_params = jlora.load(tunix_state, "adapter_dir")   # layout="auto" is the default
     """
 
-    def __init__(self, candidates: Sequence[str] = CANDIDATES):
+    def __init__(self, candidates: Sequence[Layout]):
         super().__init__((), name="auto")
         self.candidates = tuple(candidates)
 
@@ -49,7 +47,7 @@ class AutoLayout(Layout):
         tried = []
         for candidate in self.candidates:
             try:
-                bound = get_layout(candidate).bind(params, names)
+                bound = candidate.bind(params, names)
             except AdapterError:  # a tree this layout cannot read at all
                 continue
             placed = _placed(bound, names)
@@ -57,7 +55,7 @@ class AutoLayout(Layout):
                 return bound
             tried.append((placed, -len(tried), bound))
         if not tried:
-            return get_layout(self.candidates[0]).bind(params, names)  # raises its own error
+            return self.candidates[0].bind(params, names)  # raises its own error
         best = max(tried, key=lambda t: t[:2])[2]
         summary = ", ".join(f"{b.name} placed {p} of {len(names)}" for p, _, b in tried)
         best.name = f"{best.name}, chosen by layout='auto' ({summary}; pass layout= to choose)"

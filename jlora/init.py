@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, UnsupportedAdapterError
-from .layout import get_layout
+from .layout_registry import get_layout
 from .load import place
 from .spec import PREFIX
 from .targeting import is_module_to_save, is_targeted, module_rank, module_scale

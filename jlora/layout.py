@@ -311,6 +311,25 @@ def kernel_to_torch_weight(k: np.ndarray) -> np.ndarray:
     return k.transpose(k.ndim - 1, k.ndim - 2, *range(k.ndim - 2))
 
 
+def w_leaf_to_torch_weight(w: Any) -> np.ndarray:
+    """A tunix ``w`` leaf as a PyTorch weight: a 2-D one (an output head, ``(in, out)``) transposed, a 1-D one (a
+    norm) as it is (the "tunix" layout places no other ``w`` leaf as a replaced tensor). ``jlora.save``, which reads
+    trees without their layout, converts ``w`` leaves through :meth:`Layout.torch_param`, which calls this.
+
+    Args:
+        w: the leaf (any array).
+
+    Returns:
+        The PyTorch ``weight`` as a numpy array.
+
+    Example:
+        >>> w_leaf_to_torch_weight(np.zeros((32, 64))).shape     # lm_head/w (D, V) -> lm_head.weight (V, D)
+        (64, 32)
+    """
+    w = np.asarray(w)
+    return w.T if w.ndim == 2 else w
+
+
 def _identity(x):
     return x
 
@@ -445,8 +464,6 @@ class Layout:
         if flax_key == "input_embedding":  # the "tunix" layout's leaves (jlora.save reads trees without their
             return "weight", np.asarray        # layout): the embedding table, and a head's or a norm's ``w``
         if flax_key == "w":
-            from .tunix_layout import w_leaf_to_torch_weight  # (a 2-D head transposed, a 1-D norm as it is)
-
             return "weight", w_leaf_to_torch_weight
         return flax_key, np.asarray
 
@@ -577,7 +594,7 @@ def _placement_from_rule(rule: Rule, m: re.Match, path: tuple, leaf, kind: str) 
 
 
 # ---- the built-in "hf" layout ------------------------------------------------------------------
-_GPT2_CONV1D = r"(?P<name>(.*\.)?(attn\.(c_attn|c_proj|q_attn)|mlp\.(c_fc|c_proj)))"
+GPT2_CONV1D = r"(?P<name>(.*\.)?(attn\.(c_attn|c_proj|q_attn)|mlp\.(c_fc|c_proj)))"
 HF_RULES = (
     Rule(r"(?P<name>.+)", "{name}/embedding", "v d -> v d"),
     Rule(r"(?P<name>.+)", "{name}/kernel", "o i -> i o"),
@@ -585,7 +602,7 @@ HF_RULES = (
     Rule(r"(?P<name>.+)", "{name}/kernel", "o i kh kw -> kh kw i o"),
     Rule(r"(?P<name>.+)", "{name}/kernel", "o i kd kh kw -> kd kh kw i o"),
 )
-GPT2_RULE = Rule(_GPT2_CONV1D, "{name}/kernel", "o i -> o i")
+GPT2_RULE = Rule(GPT2_CONV1D, "{name}/kernel", "o i -> o i")
 # LoRA on parameters (jlora.param_targets): the leaf as PyTorch stores it, an expert stack (E, out, in) as PEFT reads
 # it, or (E, in, out) as it reads classes with ``is_transposed`` (the one that fits the factors wins); a 2-D one
 # (out, in), or transposed
@@ -645,28 +662,3 @@ class HfLayout(Layout):
 
     def report_unused(self, names: Sequence[str]) -> list[Rule]:
         return []
-
-
-def get_layout(layout: Any) -> Layout:
-    """The layout object for ``layout`` ("auto", "hf", "tunix", "maxtext", "torch" or a :class:`Layout`)."""
-    if isinstance(layout, str) and layout == "auto":
-        from .auto_layout import AutoLayout  # tries the built-in layouts below
-
-        return AutoLayout()
-    if isinstance(layout, str) and layout == "hf":
-        return HfLayout()
-    if isinstance(layout, str) and layout == "torch":
-        from .torch_layout import TorchLayout  # a variant of HfLayout, in its own file
-
-        return TorchLayout()
-    if isinstance(layout, str) and layout == "tunix":
-        from .tunix_layout import TunixLayout  # google-tunix's NNX models, in their own file
-
-        return TunixLayout()
-    if isinstance(layout, str) and (layout == "maxtext" or layout.startswith("maxtext:")):
-        from .maxtext_layout import maxtext_layout  # MaxText's converted checkpoints, in their own file
-
-        return maxtext_layout(layout)
-    if isinstance(layout, Layout):
-        return layout
-    raise AdapterError(f"unknown layout {layout!r}; use 'auto', 'hf', 'tunix', 'maxtext', 'torch' or a jlora.Layout")

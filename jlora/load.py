@@ -23,7 +23,7 @@ from .config import CONFIG_NAME, LoraConfig, read_json
 from .errors import AdapterError, CheckpointError, SourceError
 from .hub import file_exists, resolve_file
 from .inject import inject
-from .layout import get_layout
+from .layout_registry import get_layout
 from .multi import stack_adapters
 from .nnx_module import lora_module
 from .param_targets import split_wrappers

@@ -43,7 +43,8 @@ import numpy as np
 
 from .config import LoraConfig
 from .errors import AdapterError, TargetMismatchError, UnsupportedAdapterError
-from .layout import Layout, Placement, get_layout
+from .layout import Layout, Placement
+from .layout_registry import get_layout
 from .load import place
 from .spec import PREFIX
 from .tree import (

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CheckpointError
-from .layout import _GPT2_CONV1D, PARAMETER_RULES, HfLayout, ParamMapping, Rule
+from .layout import GPT2_CONV1D, PARAMETER_RULES, HfLayout, ParamMapping, Rule
 
 _EMBEDDING_RULES = (Rule(r"(?P<name>.+)", "{name}/weight", "v d -> v d"),)
 _LINEAR_RULES = (
@@ -27,7 +27,7 @@ _LINEAR_RULES = (
     Rule(r"(?P<name>.+)", "{name}/weight", "o i kh kw -> o i kh kw"),
     Rule(r"(?P<name>.+)", "{name}/weight", "o i kd kh kw -> o i kd kh kw"),
 )
-_CONV1D_RULE = Rule(_GPT2_CONV1D, "{name}/weight", "o i -> i o")  # transformers' Conv1D stores (in, out)
+_CONV1D_RULE = Rule(GPT2_CONV1D, "{name}/weight", "o i -> i o")  # transformers' Conv1D stores (in, out)
 
 
 def _identity(x):

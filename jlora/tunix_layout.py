@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import AdapterError
-from .layout import Layout, ParamMapping, Placement, Rule
+from .layout import Layout, ParamMapping, Placement, Rule, w_leaf_to_torch_weight
 
 # the decoder's PEFT prefix: a causal LM (``model.``) or Gemma 3's multimodal classes' text model
 _DECODER = r"(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(?P<l>\d+)\."
@@ -63,25 +63,6 @@ _TABLE = "input_embedding"
 
 def _transposed(a: Any) -> np.ndarray:
     return np.asarray(a).T
-
-
-def w_leaf_to_torch_weight(w: Any) -> np.ndarray:
-    """A tunix ``w`` leaf as a PyTorch weight: a 2-D one (an output head, ``(in, out)``) transposed, a 1-D one (a
-    norm) as it is (this layout places no other ``w`` leaf as a replaced tensor). ``jlora.save``, which reads trees
-    without their layout, converts ``w`` leaves through :meth:`jlora.Layout.torch_param`, which calls this.
-
-    Args:
-        w: the leaf (any array).
-
-    Returns:
-        The PyTorch ``weight`` as a numpy array.
-
-    Example:
-        >>> w_leaf_to_torch_weight(np.zeros((32, 64))).shape     # lm_head/w (D, V) -> lm_head.weight (V, D)
-        (64, 32)
-    """
-    w = np.asarray(w)
-    return w.T if w.ndim == 2 else w
 
 
 class TunixLayout(Layout):

@@ -49,7 +49,7 @@ def diag_load() -> None:
     from jlora.checkpoint import read_safetensors
     from jlora.config import LoraConfig, read_json
     from jlora.inject import inject
-    from jlora.layout import get_layout
+    from jlora.layout_registry import get_layout
     from jlora.spec import build_targets, group_keys
 
     section("load: stages of jlora.load (Llama-shaped r=64 bf16 adapter, 73 MB)")
@@ -178,7 +178,7 @@ def diag_loadfloor() -> None:
 
     from jlora.checkpoint import read_safetensors
     from jlora.config import LoraConfig, read_json
-    from jlora.layout import get_layout
+    from jlora.layout_registry import get_layout
     from jlora.spec import build_targets, group_keys
 
     section("loadfloor: writing the output's bytes to fresh memory (what any load must do at least once)")
