@@ -180,8 +180,9 @@ def _make_stacked(module: nnx.Module, side, node: AdaptedModule, dropout_key: ja
                   name: str, adapter_ids: jax.Array | None = None, fused: bool = False,
                   alora_offsets: jax.Array | None = None) -> None:
     """Turn a stacked module (or an unstacked model-zoo one: see :func:`nnx_model`) into its stacked class (see
-    :func:`_stacked_class`, :func:`_stacked_call`), holding the adapter entries and, repeated along the layer axis, the data of the key that applies ``lora_dropout`` and, for several
-    adapters, each example's adapter index (``adapter_ids``). ``fused``: an ``nnx.Linear`` tries the fused kernel."""
+    :func:`_stacked_class`, :func:`_stacked_call`), holding the adapter entries and, repeated along the layer axis,
+    the data of the key that applies ``lora_dropout`` and, for several adapters, each example's adapter index
+    (``adapter_ids``). ``fused``: an ``nnx.Linear`` tries the fused kernel."""
     spec = node.spec
     entries = side_entries(node)
     for key, value in entries.items():
