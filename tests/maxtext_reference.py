@@ -37,8 +37,8 @@ def tiny_model(family: str) -> torch.nn.Module:
     """A tiny random float32 model of ``family`` ("llama3.1" or "qwen3"), as MaxText's configs of it expect."""
     torch.manual_seed(0)
     if family == "llama3.1":
-        config = LlamaConfig(**{**SIZES, "max_position_embeddings": 131072}, rope_theta=500_000.0, rope_scaling=LLAMA31_ROPE, rms_norm_eps=1e-5,
-                             tie_word_embeddings=False)
+        config = LlamaConfig(**{**SIZES, "max_position_embeddings": 131072}, rope_theta=500_000.0,
+                             rope_scaling=LLAMA31_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=False)
         return LlamaForCausalLM(config).float().eval()
     config = Qwen3Config(**SIZES, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
     model = Qwen3ForCausalLM(config).float().eval()
