@@ -163,3 +163,17 @@ def test_docs_build_command_is_in_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "mkdocs build --strict" in ci
     assert "mkdocs serve" in (ROOT / "README.md").read_text()
+
+
+def test_supported_libraries_tables_name_tests_that_exist():
+    """The README's "Supported libraries" table and docs/libraries.md's table name, in each row, tests that exist
+    (a path, a folder or a glob such as ``tests/test_parity_*.py``)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Supported libraries", 1)[1].split("\n## ", 1)[0]
+    tables = [section, (DOCS / "libraries.md").read_text().split("\n## ", 1)[0]]
+    for table in tables:
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "tests/" in line]
+        assert len(rows) >= 4, rows
+        for row in rows:
+            for path in re.findall(r"`(tests/[^`]+)`", row):
+                assert list(ROOT.glob(path.rstrip("/"))), f"{path} (in: {row[:60]}...) does not exist"
