@@ -493,10 +493,33 @@ def is_axis_dense(module: object) -> bool:
                                    and any(shape[:i] + shape[i + 1:] == ins + outs for i in range(len(shape))))
 
 
+def is_matrix_linear(module: object) -> bool:
+    """Whether ``module`` is an NNX linear layer outside flax, by its structure: int fields ``in_features`` and
+    ``out_features`` and an ``nnx.Param`` ``kernel`` of shape ``(in_features, out_features)``, called as
+    ``module(x)`` for ``x @ kernel (+ bias)`` (EasyDeL's ``ColumnParallelLinear`` / ``RowParallelLinear``). Such a
+    module runs :func:`dense_side` like ``nnx.Linear``.
+
+    Args:
+        module: any object (linen modules, ``nnx.Linear`` and non-modules answer False).
+
+    Returns:
+        True for such a module.
+
+    Example:
+        >>> is_matrix_linear(easydel_llama.model.layers[0].self_attn.q_proj)   # kernel (D, N * H)
+        True
+    """
+    if not isinstance(module, nnx.Module) or isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+        return False
+    n_in, n_out, kernel = (getattr(module, name, None) for name in ("in_features", "out_features", "kernel"))
+    return (isinstance(n_in, int) and isinstance(n_out, int) and isinstance(kernel, nnx.Param)
+            and tuple(getattr(kernel, "shape", ())) == (n_in, n_out))
+
+
 def side_path_for(module: nn.Module | nnx.Module) -> SidePath | None:
     """The side path for ``module``'s class (linen, or NNX through :func:`jlora.nnx_model`), or None when it
     has none (the caller then merges)."""
-    if isinstance(module, (nn.Dense, nnx.Linear)) or type(module).__name__ == "FlaxConv1D":
+    if isinstance(module, (nn.Dense, nnx.Linear)) or type(module).__name__ == "FlaxConv1D" or is_matrix_linear(module):
         return dense_side
     if isinstance(module, nn.DenseGeneral):
         return None if module.batch_dims else dense_general_side

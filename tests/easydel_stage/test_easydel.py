@@ -51,7 +51,7 @@ CASES = ("all_linear", "qv_patterns", "rslora")
 FAMILIES = ("llama", "qwen2", "qwen3")
 # Whether jlora.nnx_model runs easydel.layers.ParallelLinear unmerged. Not yet: it merges their kernels inside the
 # call and warns "no unmerged side path" (the logits are PEFT's either way). Set True once side_paths has one.
-PARALLEL_LINEAR_SIDE_PATH = False
+PARALLEL_LINEAR_SIDE_PATH = True
 NO_SIDE_PATH = "jlora.nnx_model: no unmerged side path for"
 _STOCK_FREQUENCIES = EasyDeLBaseConfig.get_basic_frequencies
 
