@@ -3,7 +3,13 @@ targeting, placement, side paths, saving, errors, the Hub client: no PEFT or tor
 ``python -m pytest`` (and ``.ci/run``) runs everything, including the PEFT parity modules marked slow here."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+# The library stages run in venvs of their own (.ci/run); elsewhere their folders are not collected at all.
+collect_ignore = [folder for folder, package in (("maxtext_stage", "maxtext"), ("easydel_stage", "easydel"))
+                  if importlib.util.find_spec(package) is None]
 
 # The modules of the fast tier; every other test module is marked slow.
 FAST_MODULES = frozenset({
