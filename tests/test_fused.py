@@ -53,8 +53,10 @@ def test_lora_matmul_gradients_match_the_formula(scale):
     loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v)))  # noqa: E731
     got = jax.grad(loss(lambda *v: lora_matmul(*v, True)), argnums=range(5))(*args)
     want = jax.grad(loss(lambda x, w, a, b, s: x @ w + ((x @ a) * s) @ b), argnums=range(5))(*args)
+    # float32 both ways; sin' = cos of outputs near 10 turns their last-bit differences (the two compute x @ w in
+    # other orders) into ~2e-5 of the gradient on some CPUs; a wrong formula is off by O(1)
     for g, h in zip(got, want, strict=True):
-        assert g.shape == h.shape and rel_err(g, h) <= 1e-6
+        assert g.shape == h.shape and rel_err(g, h) <= 1e-4
 
 
 @pytest.mark.parametrize("m,n", [(1, 11008), (16, 4096), (256, 4096), (1000, 11008)])
