@@ -11,26 +11,16 @@ Usage: ``python tests/easydel_reference.py OUT_DIR``
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from stage_reference import write_references
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}
-CASES = {
-    "all_linear": dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
-    "qv_patterns": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}),
-    "rslora": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
-}
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
@@ -55,33 +45,9 @@ def tiny_model(family: str) -> torch.nn.Module:
     return model
 
 
-def write_family(family: str, out: Path) -> None:
-    """Write ``family``'s checkpoint, inputs, base logits and every case's adapter and logits under ``out``."""
-    model = tiny_model(family)
-    model.save_pretrained(out / "hf", safe_serialization=True)
-    ids = torch.from_numpy(np.random.default_rng(1).integers(0, SIZES["vocab_size"], (2, 12)))
-    np.save(out / "ids.npy", ids.numpy().astype(np.int32))
-    with torch.no_grad():
-        np.save(out / "base_logits.npy", model(ids).logits.float().numpy())
-    for i, (case, kwargs) in enumerate(CASES.items()):
-        peft_model = get_peft_model(tiny_model(family), LoraConfig(**kwargs))
-        gen = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:  # every adapter tensor random (PEFT's lora_B starts at zero)
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            logits = peft_model(ids).logits.float().numpy()
-        (out / case).mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(out / case / "adapter")
-        np.save(out / case / "logits.npy", logits)
-
-
 def main(out_dir: str) -> None:
-    """Write every family's files under ``out_dir`` and a ``manifest.json`` listing them."""
-    out = Path(out_dir)
-    for family in FAMILIES:
-        write_family(family, out / family)
-    (out / "manifest.json").write_text(json.dumps({"families": list(FAMILIES), "cases": list(CASES)}))
+    """Write every family's files under ``out_dir`` (see :mod:`stage_reference`)."""
+    out = write_references(out_dir, tiny_model, FAMILIES, SIZES["vocab_size"])
     print(f"easydel reference: wrote {out}")
 
 
